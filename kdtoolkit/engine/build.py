@@ -1,0 +1,336 @@
+"""Build a pipeline's parts from a validated config: data, models, taps, loss terms, method,
+optimizer. Also the checks that need built models (feature paths), so ``validate`` finds them
+before any training starts."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from kdtoolkit.config.schema import LossConfig, PipelineConfig
+from kdtoolkit.errors import CheckpointError, ConfigError, KDToolkitError
+from kdtoolkit.features import FeatureTaps, resolve_module
+from kdtoolkit.losses import LossTerm, Ref, default_inputs
+from kdtoolkit.methods import Method, MethodContext
+from kdtoolkit.plugins import Registry
+
+STAGES = "stages"
+
+
+class PipelineModule(nn.Module):
+    """Everything with state: ``models``, ``losses`` and ``method``. Its state dict is what a
+    checkpoint holds and its parameter names are what ``[[optimizer.param_groups]]`` match."""
+
+    def __init__(self, models: dict[str, nn.Module], losses: list[LossTerm], method: Method):
+        super().__init__()
+        self.models = nn.ModuleDict(models)
+        self.losses = nn.ModuleList(losses)
+        self.method = method
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.method.train(mode)  # keeps frozen models in eval mode
+        return self
+
+
+# --- checks before building ----------------------------------------------------------------------
+
+
+def method_class(cfg: PipelineConfig, registry: Registry):
+    return registry.get("method", cfg.method.name).factory
+
+
+def effective_losses(cfg: PipelineConfig, registry: Registry) -> list[LossConfig]:
+    if cfg.losses:
+        return list(cfg.losses)
+    defaults = getattr(method_class(cfg, registry), "default_losses", None)
+    return list(defaults(cfg)) if defaults else []
+
+
+def loss_labels(losses: list[LossConfig]) -> list[str]:
+    labels = [lc.label or lc.name for lc in losses]
+    out = []
+    for i, label in enumerate(labels):
+        out.append(label if labels.count(label) == 1 else f"{label}_{i}")
+    return out
+
+
+def resolved_inputs(lc: LossConfig, loss_cls: Any, cfg: PipelineConfig) -> dict[str, str | list[str]]:
+    students = [n for n, s in cfg.models.items() if s.role == "student"]
+    teachers = [n for n, s in cfg.models.items() if s.role == "teacher"]
+    declared = tuple(getattr(loss_cls, "inputs", ()))
+    inputs = default_inputs(declared, students, teachers)
+    inputs.update(lc.inputs)
+    return inputs
+
+
+def check_config(cfg: PipelineConfig, registry: Registry) -> list[tuple[str, str]]:
+    """Cross-table problems (``(key_path, message)``) that need no built model."""
+    problems: list[tuple[str, str]] = []
+    method = registry.get("method", cfg.method.name)
+    problems += method.factory.check(cfg.method.options, cfg) if hasattr(method.factory, "check") else []
+    if not cfg.models:
+        problems.append(("models", "at least one model is needed"))
+    for name, spec in cfg.models.items():
+        if spec.frozen and not spec.checkpoint:
+            problems.append((f"models.{name}.checkpoint", "a frozen model needs pretrained weights: set checkpoint = \"RUN_DIR\" or a .safetensors file"))
+        if spec.checkpoint_model and not spec.checkpoint:
+            problems.append((f"models.{name}.checkpoint_model", "only meaningful with checkpoint"))
+        if name == "labels" or ":" in name or "." in name:
+            problems.append((f"models.{name}", "model names cannot be 'labels' or contain ':' or '.'"))
+    losses = effective_losses(cfg, registry)
+    for i, lc in enumerate(losses):
+        path = f"losses[{i}]"
+        loss_cls = registry.get("loss", lc.name).factory
+        declared = tuple(getattr(loss_cls, "inputs", ()))
+        for key in lc.inputs:
+            if key not in declared:
+                problems.append((f"{path}.inputs.{key}", f"loss {lc.name!r} has no input {key!r}; its inputs: {', '.join(declared)}"))
+        inputs = resolved_inputs(lc, loss_cls, cfg)
+        for key in declared:
+            if key != "labels" and key not in inputs:
+                problems.append((f"{path}.inputs", f"input {key!r} of loss {lc.name!r} is not set and has no default here"))
+        for key, ref in inputs.items():
+            if key not in declared:
+                continue
+            for text in ref if isinstance(ref, list) else [ref]:
+                r = Ref.parse(text)
+                if r.model != "labels" and r.model not in cfg.models:
+                    problems.append((f"{path}.inputs.{key}", f"unknown model {r.model!r} in {text!r}; models: {', '.join(cfg.models)}"))
+        if lc.fusion is not None and not isinstance(inputs.get("teacher"), list):
+            problems.append((f"{path}.fusion", "a fusion needs a list of references as the 'teacher' input"))
+    evaluated = [n for n, s in cfg.models.items() if s.evaluate]
+    if not evaluated:
+        problems.append(("models", "no model has evaluate = true"))
+    elif cfg.run.best_metric is not None:
+        parts = cfg.run.best_metric.split("/")
+        if len(parts) != 3 or parts[0] != "test" or parts[1] not in evaluated or parts[2] not in ("top1", "top5"):
+            problems.append(("run.best_metric", f"expected test/<evaluated model>/top1 or top5; evaluated models: {', '.join(evaluated)}"))
+    return problems
+
+
+# --- building ------------------------------------------------------------------------------------
+
+
+def best_metric(cfg: PipelineConfig) -> str:
+    if cfg.run.best_metric:
+        return cfg.run.best_metric
+    evaluated = [n for n, s in cfg.models.items() if s.evaluate]
+    students = [n for n in evaluated if cfg.models[n].role == "student"]
+    return f"test/{(students or evaluated)[0]}/top1"
+
+
+def build_model(cfg: PipelineConfig, registry: Registry, name: str, num_classes: int) -> nn.Module:
+    spec = cfg.models[name]
+    model = registry.get("model", spec.name).factory(spec.options, num_classes=num_classes)
+    if spec.quantizer is not None:
+        from kdtoolkit.quant import LayerOverride, quantize_model
+
+        q = spec.quantizer
+        quantizer = registry.get("quantizer", q.name).factory(q.options)
+        quantize_model(
+            model,
+            quantizer,
+            weight_bits=q.options.weight_bits,
+            act_bits=q.options.act_bits,
+            keep_first_last=q.keep_first_last,
+            overrides=[LayerOverride(o.pattern, o.weight_bits, o.act_bits) for o in q.overrides],
+        )
+    return model
+
+
+def expand_ref(ref: Ref, models: dict[str, nn.Module], where: str) -> list[Ref]:
+    if ref.feature != STAGES:
+        return [ref]
+    paths = getattr(models[ref.model], "stage_paths", None)
+    if not paths:
+        raise ConfigError(problems=[(where, f"model {ref.model!r} has no stages; name its modules instead (e.g. \"{ref.model}:layer1\")")])
+    return [Ref(ref.model, p) for p in paths]
+
+
+def feature_refs(terms_inputs: list[dict[str, Any]], models: dict[str, nn.Module], losses: list[LossConfig]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Expand ``:stages`` and check every feature path exists; returns the expanded inputs."""
+    problems: list[tuple[str, str]] = []
+    out = []
+    for i, inputs in enumerate(terms_inputs):
+        expanded: dict[str, Any] = {}
+        for key, refs in inputs.items():
+            where = f"losses[{i}].inputs.{key}"
+            texts = refs if isinstance(refs, list) else [refs]
+            parsed: list[Ref] = []
+            try:
+                for text in texts:
+                    parsed.extend(expand_ref(Ref.parse(text), models, where))
+            except ConfigError as exc:
+                problems += exc.problems
+                continue
+            for r in parsed:
+                if r.feature is not None:
+                    try:
+                        resolve_module(models[r.model], r.feature)
+                    except ConfigError as exc:
+                        problems.append((where, f"model {r.model!r}: {exc}"))
+            expanded[key] = parsed if (isinstance(refs, list) or len(parsed) > 1) else parsed[0]
+        out.append(expanded)
+    return out, problems
+
+
+@attrs.define
+class Built:
+    """A built pipeline."""
+
+    config: PipelineConfig
+    registry: Registry
+    device: torch.device
+    module: PipelineModule
+    method: Method
+    models: dict[str, nn.Module]
+    taps: dict[str, FeatureTaps]
+    num_classes: int
+    data: Any = None
+
+
+def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, device: torch.device, sample: torch.Tensor | None) -> Built:
+    """Models (quantized, pretrained weights loaded), taps, loss terms and the method.
+
+    ``sample`` is an input batch used once, without gradient and in eval mode, to learn the feature
+    shapes that some losses (FitNet) build their parameters from.
+    """
+    models: dict[str, nn.Module] = {}
+    for name, spec in cfg.models.items():
+        models[name] = build_model(cfg, registry, name, num_classes)
+    losses_cfg = effective_losses(cfg, registry)
+    loss_classes = [registry.get("loss", lc.name).factory for lc in losses_cfg]
+    inputs = [resolved_inputs(lc, cls, cfg) for lc, cls in zip(losses_cfg, loss_classes)]
+    inputs, problems = feature_refs(inputs, models, losses_cfg)
+    if problems:
+        raise ConfigError(problems=problems)
+
+    for name, spec in cfg.models.items():
+        if spec.checkpoint:
+            load_pretrained(models[name], spec, name)
+        if spec.frozen:
+            for p in models[name].parameters():
+                p.requires_grad_(False)
+
+    paths: dict[str, list[str]] = {name: [] for name in models}
+    for term_inputs in inputs:
+        for refs in term_inputs.values():
+            for r in refs if isinstance(refs, list) else [refs]:
+                if r.feature is not None and r.feature not in paths[r.model]:
+                    paths[r.model].append(r.feature)
+    taps = {name: FeatureTaps(models[name], p) for name, p in paths.items() if p}
+
+    terms: list[LossTerm] = []
+    for lc, cls, term_inputs, label in zip(losses_cfg, loss_classes, inputs, loss_labels(losses_cfg)):
+        loss = cls(lc.options)
+        fusion = None
+        if lc.fusion is not None:
+            n = len(term_inputs["teacher"])
+            fusion = registry.get("fusion", lc.fusion.name).factory(lc.fusion.options, num_inputs=n)
+        schedule = registry.get("schedule", lc.schedule.name).factory(lc.schedule.options) if lc.schedule else None
+        temperature = getattr(lc.options, "temperature", None)
+        terms.append(LossTerm(label, loss, term_inputs, weight=lc.weight, fusion=fusion, schedule=schedule, temperature=temperature))
+
+    needs_shapes = [t for t in terms if hasattr(t.loss, "setup")]
+    if needs_shapes:
+        if sample is None:
+            raise ValueError("losses with setup() need a sample batch")
+        shapes = _shapes(models, taps, sample)
+        for term in needs_shapes:
+            term.loss.setup({k: ([shapes[str(r)] for r in v] if isinstance(v, list) else shapes[str(v)]) for k, v in term.inputs.items()})
+
+    for model in models.values():
+        model.to(device)
+    for term in terms:
+        term.to(device)
+    ctx = MethodContext(models=models, specs=dict(cfg.models), losses=terms, taps=taps, num_classes=num_classes, config=cfg, registry=registry)
+    method = registry.get("method", cfg.method.name).factory(cfg.method.options, ctx)
+    method.to(device)
+    module = PipelineModule(models, terms, method)
+    return Built(cfg, registry, device, module, method, models, taps, num_classes)
+
+
+def _shapes(models, taps, sample) -> dict[str, torch.Size]:
+    shapes: dict[str, torch.Size] = {}
+    modes = {n: m.training for n, m in models.items()}
+    with torch.no_grad():
+        for name, model in models.items():
+            model.eval()
+            out = model(sample)
+            shapes[name] = out.shape
+            if name in taps:
+                for path, feat in taps[name].features.items():
+                    shapes[f"{name}:{path}"] = feat.shape
+            model.train(modes[name])
+    return shapes
+
+
+def resolve_checkpoint_file(location: str) -> Path:
+    path = Path(location).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.safetensors", path / "best.safetensors", path / "checkpoints" / "last.safetensors"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"{path}: run directory without checkpoints/best.safetensors")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
+    return path
+
+
+def load_pretrained(model: nn.Module, spec, name: str) -> None:
+    from kdtoolkit.engine.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(resolve_checkpoint_file(spec.checkpoint))
+    source = spec.checkpoint_model or ckpt.meta.get("student") or name
+    state = ckpt.model_state(source)
+    if spec.quantizer is not None:
+        from kdtoolkit.quant import load_float_state_dict
+
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:
+            load_float_state_dict(model, state)
+        return
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"models.{name}.checkpoint: weights of {source!r} in {ckpt.path} do not fit this model: {str(exc).splitlines()[0]}") from None
+
+
+def build_optimizer(cfg: PipelineConfig, module: PipelineModule, method: Method) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    rules = [(g.params, g.lr_scale, g.weight_decay) for g in o.param_groups]
+    rules += [(patterns, scale, None) for patterns, scale in method.param_groups()]
+    groups: dict[int, dict[str, Any]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        index = next((i for i, (patterns, _, _) in enumerate(rules) if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)), len(rules))
+        if index not in groups:
+            scale, wd = (rules[index][1], rules[index][2]) if index < len(rules) else (1.0, None)
+            groups[index] = {"params": [], "names": [], "lr_scale": scale, "lr": o.lr * scale, "weight_decay": o.weight_decay if wd is None else wd}
+        groups[index]["params"].append(p)
+        groups[index]["names"].append(name)
+    if not groups:
+        raise ConfigError("nothing to train: every model is frozen")
+    param_groups = [groups[i] for i in sorted(groups)]
+    if o.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(param_groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda":
+        if not torch.cuda.is_available():
+            raise KDToolkitError("run.device: cuda requested but no CUDA device is available")
+        return torch.device("cuda")
+    if setting == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")

@@ -1,0 +1,158 @@
+"""Checkpoints: one safetensors file each, written atomically.
+
+A checkpoint holds every tensor of the pipeline (the state dict of the models, loss terms and method,
+including quantizer state and fusion weights), the optimizer's tensor state and the RNG states as
+safetensors tensors, and everything else (epoch, step, config, optimizer hyper-parameters, best
+metric) as JSON in the safetensors metadata. No pickle. The file is written to a temporary name,
+fsynced and renamed over the old one, so a crash mid-write never corrupts the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kdtoolkit.errors import CheckpointError
+
+FORMAT = "kdtoolkit-checkpoint"
+FORMAT_VERSION = 1
+MODULE = "module/"
+OPTIM = "optim/"
+RNG = "rng/"
+
+
+def _tensor(t: torch.Tensor) -> torch.Tensor:
+    # safetensors refuses shared storage and non-contiguous tensors; a copy on the CPU fixes both.
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM}{pid}/{key}"] = _tensor(value)
+            else:
+                plain.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain_state": plain}
+
+
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name[len(OPTIM):].split("/", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta["plain_state"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {f"{RNG}torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"{RNG}cuda_{i}"] = s
+    return out
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    if f"{RNG}torch_cpu" in tensors:
+        torch.set_rng_state(tensors[f"{RNG}torch_cpu"])
+    cuda = sorted(k for k in tensors if k.startswith(f"{RNG}cuda_"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file next to ``path``, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(
+    path: Path,
+    module: torch.nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    meta: dict[str, Any],
+    include_rng: bool = True,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    tensors = {MODULE + k: _tensor(v) for k, v in module.state_dict().items()}
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+    if optimizer is not None:
+        opt_tensors, opt_meta = _optimizer_to_tensors(optimizer.state_dict())
+        tensors.update(opt_tensors)
+        info["optimizer"] = opt_meta
+    if include_rng:
+        tensors.update(rng_state())
+    for k, v in (extra_tensors or {}).items():
+        tensors[k] = _tensor(v)
+    header = {"kdtoolkit": json.dumps(info)}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+class Checkpoint:
+    """A checkpoint read back: ``meta`` (JSON), ``module_state`` and the rest, all on the CPU."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such checkpoint")
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+                self.tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+            raise CheckpointError(f"{self.path}: not a readable safetensors checkpoint ({exc})") from None
+        if "kdtoolkit" not in header:
+            raise CheckpointError(f"{self.path}: safetensors file without kdtoolkit metadata")
+        self.meta = json.loads(header["kdtoolkit"])
+        if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{self.path}: unsupported checkpoint format {self.meta.get('format')!r} v{self.meta.get('format_version')}")
+
+    @property
+    def module_state(self) -> dict[str, torch.Tensor]:
+        return {k[len(MODULE):]: v for k, v in self.tensors.items() if k.startswith(MODULE)}
+
+    def model_state(self, model_name: str) -> dict[str, torch.Tensor]:
+        prefix = f"models.{model_name}."
+        state = {k[len(prefix):]: v for k, v in self.module_state.items() if k.startswith(prefix)}
+        if not state:
+            names = sorted({k.split(".")[1] for k in self.module_state if k.startswith("models.")})
+            raise CheckpointError(f"{self.path}: no model {model_name!r} in this checkpoint; it has {', '.join(names)}")
+        return state
+
+    def optimizer_state(self) -> dict | None:
+        if "optimizer" not in self.meta:
+            return None
+        return _optimizer_from_tensors({k: v for k, v in self.tensors.items() if k.startswith(OPTIM)}, self.meta["optimizer"])
+
+    def restore_rng(self) -> None:
+        set_rng_state({k: v for k, v in self.tensors.items() if k.startswith(RNG)})

@@ -1,0 +1,211 @@
+"""The training loop: one step = method.training_step -> sum of named terms -> backward -> step.
+
+Kept deliberately plain (the torchvision reference loop, plus what the pipeline adds): schedules are
+applied per step in Python (no tensors), loss terms are accumulated on the device and read back
+only when a progress line is drawn or the epoch ends, so the loop adds no host-device sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from kdtoolkit.engine.build import Built, best_metric, build_optimizer
+from kdtoolkit.engine.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from kdtoolkit.engine.distributed import DistInfo
+from kdtoolkit.engine.output import MetricsWriter, ProgressBar, progress_enabled
+from kdtoolkit.errors import CheckpointError
+from kdtoolkit.methods import Progress
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool = False, max_steps: int | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy of every evaluated model."""
+    built.module.eval()
+    correct1: dict[str, torch.Tensor] = {}
+    correct5: dict[str, torch.Tensor] = {}
+    loss_sum: dict[str, torch.Tensor] = {}
+    seen = 0
+    total = len(loader) if max_steps is None else min(len(loader), max_steps)
+    bar = ProgressBar(total, "eval ", enabled=progress)
+    for step, (images, labels) in enumerate(loader):
+        if step >= total:
+            break
+        with autocast(built.device, precision):
+            outputs = built.method.evaluate_logits(images)
+        for name, logits in outputs.items():
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top.eq(labels[:, None])
+            correct1[name] = correct1.get(name, 0) + hit[:, :1].sum()
+            correct5[name] = correct5.get(name, 0) + hit.any(dim=1).sum()
+            loss_sum[name] = loss_sum.get(name, 0) + torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+        seen += labels.shape[0]
+        bar.update(1)
+    bar.close()
+    out: dict[str, float] = {}
+    for name in correct1:
+        out[f"test/{name}/top1"] = 100.0 * float(correct1[name]) / seen
+        out[f"test/{name}/top5"] = 100.0 * float(correct5[name]) / seen
+        out[f"test/{name}/loss"] = float(loss_sum[name]) / seen
+    return out
+
+
+class Trainer:
+    """Runs ``fit`` for a built pipeline; writes checkpoints and metrics under ``run_dir``."""
+
+    def __init__(self, built: Built, train_loader, test_loader, run_dir: Path, *, dist: DistInfo, raw_config: dict, stream=sys.stderr):
+        self.built = built
+        self.cfg = built.config
+        self.train_loader = train_loader
+        self.test_loader = test_loader
+        self.run_dir = Path(run_dir)
+        self.dist = dist
+        self.raw_config = raw_config
+        self.stream = stream
+        self.optimizer = build_optimizer(self.cfg, built.module, built.method)
+        sched = self.cfg.optimizer.schedule
+        self.lr_schedule = built.registry.get("schedule", sched.name).factory(sched.options) if sched else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.cfg.run.precision == "fp16" else None
+        self.metrics = MetricsWriter(self.run_dir, self.cfg.run.metrics_format)
+        self.best_metric = best_metric(self.cfg)
+        self.show = progress_enabled(self.cfg.run.progress, stream) and dist.is_main
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "best.safetensors"
+
+    def _set_lr(self, epoch: float) -> float:
+        factor = self.lr_schedule(epoch, self.cfg.run.epochs) if self.lr_schedule else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.optimizer.lr * group["lr_scale"] * factor
+        return self.cfg.optimizer.lr * factor
+
+    def _resume(self) -> tuple[int, int, dict | None]:
+        if not self.last_path.exists():
+            raise CheckpointError(f"--resume: {self.last_path} does not exist; start the run without --resume")
+        ckpt = Checkpoint(self.last_path)
+        missing, unexpected = self.built.module.load_state_dict(ckpt.module_state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{self.last_path}: does not match this pipeline (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        opt_state = ckpt.optimizer_state()
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+        ckpt.restore_rng()
+        old = dict(ckpt.meta.get("config", {}))
+        changed = [k for k in set(old) | set(self.raw_config) if k != "run" and old.get(k) != self.raw_config.get(k)]
+        if changed and self.dist.is_main:
+            print(f"warning: resuming with a pipeline that differs from the checkpoint's in: {', '.join(sorted(changed))}", file=self.stream)
+        epoch = int(ckpt.meta["epoch"])
+        if self.dist.is_main:
+            self.metrics.truncate_after(epoch)
+            print(f"resumed from {self.last_path} at epoch {epoch}", file=self.stream)
+        return epoch, int(ckpt.meta["global_step"]), ckpt.meta.get("best")
+
+    def fit(self, *, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        start_epoch, global_step, best = 0, 0, None
+        if resume:
+            start_epoch, global_step, best = self._resume()
+        last_row: dict[str, Any] = {}
+        for epoch in range(start_epoch, cfg.run.epochs):
+            row = self.train_epoch(epoch, global_step)
+            global_step = row["step"]
+            if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.run.epochs:
+                row.update(evaluate(self.built, self.test_loader, precision=cfg.run.precision, progress=self.show))
+            value = row.get(self.best_metric)
+            improved = value is not None and (best is None or value > best["value"])
+            if improved:
+                best = {"metric": self.best_metric, "value": value, "epoch": epoch + 1}
+            if self.dist.is_main:
+                self.save(epoch + 1, global_step, best, row, improved)
+                self.metrics.write(row)
+                self._print_row(row)
+            last_row = row
+        return {"last": last_row, "best": best, "run_dir": str(self.run_dir)}
+
+    def train_epoch(self, epoch: int, global_step: int) -> dict[str, Any]:
+        cfg, built = self.cfg, self.built
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)
+        built.module.train()
+        steps = len(self.train_loader)
+        if cfg.run.max_steps_per_epoch:
+            steps = min(steps, cfg.run.max_steps_per_epoch)
+        sums: dict[str, torch.Tensor] = {}
+        bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.run.epochs}", enabled=self.show, stream=self.stream)
+        images_seen = 0
+        start = time.perf_counter()
+        lr = self._set_lr(float(epoch))
+        n = 0
+        for step, (images, labels) in enumerate(self.train_loader):
+            if step >= steps:
+                break
+            progress = Progress(epoch, step, steps, cfg.run.epochs)
+            lr = self._set_lr(progress.epoch_float)
+            with autocast(built.device, cfg.run.precision):
+                terms = built.method.training_step(images, labels, progress)
+            loss = sum(terms.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            for key, value in terms.items():
+                sums[key] = sums[key] + value.detach() if key in sums else value.detach().float()
+            sums["total"] = sums["total"] + loss.detach() if "total" in sums else loss.detach().float()
+            images_seen += labels.shape[0]
+            n = step + 1
+            bar.update(1, postfix=lambda: " ".join(f"{k}={float(v) / n:.4f}" for k, v in sums.items()))
+        bar.close(postfix=lambda: " ".join(f"{k}={float(v) / max(n, 1):.4f}" for k, v in sums.items()))
+        seconds = time.perf_counter() - start
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step + n, "lr": lr}
+        row.update({f"train/loss/{k}": float(v) / max(n, 1) for k, v in sums.items()})
+        row["train/images_per_s"] = images_seen / seconds if seconds > 0 else 0.0
+        row["train/seconds"] = seconds
+        row.update(self.built.method.epoch_metrics() if hasattr(self.built.method, "epoch_metrics") else {})
+        return row
+
+    def save(self, epoch: int, global_step: int, best: dict | None, row: dict, improved: bool) -> None:
+        specs = self.cfg.models
+        students = [n for n, s in specs.items() if s.role == "student"]
+        meta = {
+            "epoch": epoch,
+            "global_step": global_step,
+            "best": best,
+            "metrics": row,
+            "config": self.raw_config,
+            "student": students[0] if students else next(iter(specs)),
+            "models": {n: {"name": s.name, "role": s.role} for n, s in specs.items()},
+            "torch_version": torch.__version__,
+        }
+        save_checkpoint(self.last_path, self.built.module, optimizer=self.optimizer, meta=meta)
+        if improved:
+            atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.last_path, tmp))
+
+    def _print_row(self, row: dict) -> None:
+        keys = [k for k in row if k.startswith("test/") and not k.endswith("/loss")]
+        losses = " ".join(f"{k.split('/')[-1]}={row[k]:.4f}" for k in row if k.startswith("train/loss/"))
+        accs = " ".join(f"{k[5:]}={row[k]:.2f}" for k in keys)
+        print(f"epoch {row['epoch']}: {losses} {accs} ({row['train/images_per_s']:.0f} img/s)", file=self.stream)

@@ -1,0 +1,124 @@
+"""Training methods: the contract between the engine and a method plugin.
+
+A method is an ``nn.Module`` built by ``factory(options, context)``. The engine calls
+``training_step(images, labels, progress)`` inside autocast and gets back a dict of named, already
+weighted loss terms; it sums them, back-propagates and steps the optimizer. ``evaluate_logits`` gives
+the logits of each evaluated model. Parameters the method owns (e.g. learnable fusion weights) are
+saved in checkpoints and optimised under the qualified names ``method.*``.
+
+``LossTermsMethod`` is the common case: forward every model, then evaluate the pipeline's loss terms
+on the logits and tapped features. ``supervised``, ``kd`` and ``mutual`` are thin subclasses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import attrs
+import torch
+from torch import nn
+
+from kdtoolkit.config.schema import ModelConfig, PipelineConfig
+from kdtoolkit.features import FeatureTaps
+from kdtoolkit.losses import LossTerm, Ref
+
+
+@attrs.frozen
+class Progress:
+    """Where training is: ``epoch`` (0-based), ``step`` within it, and the fractional epoch."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    total_epochs: int
+
+    @property
+    def epoch_float(self) -> float:
+        return self.epoch + self.step / max(self.steps_per_epoch, 1)
+
+
+@attrs.define
+class MethodContext:
+    """What a method is built from."""
+
+    models: dict[str, nn.Module]
+    specs: dict[str, ModelConfig]
+    losses: list[LossTerm]
+    taps: dict[str, FeatureTaps]
+    num_classes: int
+    config: PipelineConfig
+    registry: Any = None
+
+    def students(self) -> list[str]:
+        return [n for n, s in self.specs.items() if s.role == "student"]
+
+    def teachers(self) -> list[str]:
+        return [n for n, s in self.specs.items() if s.role == "teacher"]
+
+    def trained(self) -> list[str]:
+        return [n for n, s in self.specs.items() if not s.frozen]
+
+
+class Method(nn.Module):
+    """Base class of training methods."""
+
+    def __init__(self, options, context: MethodContext):
+        super().__init__()
+        self.options = options
+        # plain dicts: the models are registered under the pipeline's ``models``, not here
+        self._models = dict(context.models)
+        self._specs = dict(context.specs)
+        self._taps = dict(context.taps)
+        self._losses = list(context.losses)
+
+    # -- what the engine calls --
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluate_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every model with ``evaluate = true``."""
+        return {name: self._models[name](images) for name, spec in self._specs.items() if spec.evaluate}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name, model in self._models.items():
+            model.train(mode and not self._specs[name].frozen)
+        return self
+
+    def param_groups(self) -> list[tuple[list[str], float]]:
+        """Default parameter groups ``(fnmatch patterns, lr_scale)`` the method wants (the
+        pipeline's ``[[optimizer.param_groups]]`` come first)."""
+        return []
+
+    @classmethod
+    def check(cls, options, config: PipelineConfig) -> list[tuple[str, str]]:
+        """Problems with the pipeline for this method, as ``(key_path, message)``; runs before any
+        model is built."""
+        return []
+
+
+class LossTermsMethod(Method):
+    """Forward every model (frozen ones without gradient), then evaluate the loss terms."""
+
+    def forward_models(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = {}
+        for name, model in self._models.items():
+            if self._specs[name].frozen:
+                with torch.no_grad():
+                    logits[name] = model(images)
+            else:
+                logits[name] = model(images)
+        return logits
+
+    def loss_terms(self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
+        def value(ref: Ref):
+            if ref.model == "labels":
+                return labels
+            if ref.feature is None:
+                return logits[ref.model]
+            return self._taps[ref.model].features[ref.feature]
+
+        return {term.label: term(value, labels, progress.epoch_float, progress.total_epochs) for term in self._losses}
+
+    def training_step(self, images, labels, progress):
+        return self.loss_terms(self.forward_models(images), labels, progress)

@@ -1,0 +1,163 @@
+"""``Pipeline``: the one public API behind the CLI, TOML files and Python code.
+
+    pipe = Pipeline.from_toml("examples/quickstart.toml")          # or
+    pipe = Pipeline(PipelineConfig(data=DataConfig(name="cifar10"), models={"student": ModelConfig(
+        name="wrn", options={"depth": 16, "width": 1})}, run=RunConfig(epochs=2)))
+    result = pipe.fit()            # trains, evaluates, checkpoints
+    metrics = pipe.evaluate()      # evaluates the run's best checkpoint
+
+Every way in goes through the same validation: a ``PipelineConfig`` built in Python is turned back
+into its plain form and checked exactly like a TOML file, so plugin options may be given as their
+attrs instance or as a dict.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from kdtoolkit.config import apply_overrides, read_toml, structure, unstructure
+from kdtoolkit.config.schema import PipelineConfig
+from kdtoolkit.errors import CheckpointError, ConfigError
+from kdtoolkit.plugins import Registry, load_registry
+
+PLACEHOLDER_CLASSES = 10
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig | Mapping[str, Any], *, plugins: Iterable[Any] = (), load_entrypoints: bool = True):
+        """``config``: a ``PipelineConfig`` or its plain dict form. ``plugins``: extra plugin
+        objects (modules or instances with ``@kdtoolkit.hookimpl`` methods) used with the installed ones."""
+        self._plugins = list(plugins)
+        if isinstance(config, PipelineConfig):
+            blocked = list(config.plugins.blocked)
+        elif isinstance(config, Mapping):
+            blocked = (config.get("plugins") or {}).get("blocked") or []
+            if not isinstance(blocked, list) or not all(isinstance(b, str) for b in blocked):
+                raise ConfigError(problems=[("plugins.blocked", "expected a list of plugin names")])
+        else:
+            raise TypeError("config must be a PipelineConfig or a dict")
+        self.registry: Registry = load_registry(blocked=blocked, plugins=self._plugins, load_entrypoints=load_entrypoints)
+        raw = unstructure(config, self.registry) if isinstance(config, PipelineConfig) else dict(config)
+        self.config: PipelineConfig = structure(raw, self.registry)
+        self.raw: dict = unstructure(self.config, self.registry)
+        from kdtoolkit.engine.build import check_config
+
+        problems = check_config(self.config, self.registry)
+        if problems:
+            raise ConfigError(problems=problems)
+        self._built = None
+
+    # -- construction --
+    @classmethod
+    def from_toml(cls, path: str | Path, *, overrides: Iterable[str] = (), plugins: Iterable[Any] = ()) -> "Pipeline":
+        raw = apply_overrides(read_toml(path), overrides)
+        try:
+            return cls(raw, plugins=plugins)
+        except ConfigError as exc:
+            raise exc.at("") from None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, plugins: Iterable[Any] = ()) -> "Pipeline":
+        return cls(raw, plugins=plugins)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, *, plugins: Iterable[Any] = ()) -> "Pipeline":
+        """The pipeline a run directory was trained with (from its ``pipeline.json``)."""
+        path = Path(run_dir) / "pipeline.json"
+        if not path.is_file():
+            raise CheckpointError(f"{run_dir}: not a run directory (no pipeline.json)")
+        return cls(json.loads(path.read_text()), plugins=plugins)
+
+    # -- properties --
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run.output_dir.format(name=self.config.run.name))
+
+    def validate(self) -> None:
+        """Deeper checks that need built models (feature paths); raises ``ConfigError``."""
+        from kdtoolkit.engine.build import build_model, effective_losses, feature_refs, resolved_inputs
+
+        torch_state = torch.get_rng_state()
+        try:
+            models = {n: build_model(self.config, self.registry, n, PLACEHOLDER_CLASSES) for n in self.config.models}
+        finally:
+            torch.set_rng_state(torch_state)
+        losses = effective_losses(self.config, self.registry)
+        inputs = [resolved_inputs(lc, self.registry.get("loss", lc.name).factory, self.config) for lc in losses]
+        _, problems = feature_refs(inputs, models, losses)
+        if problems:
+            raise ConfigError(problems=problems)
+
+    # -- building --
+    def build(self, *, device: torch.device | None = None):
+        """Data, models, losses and method, ready to train (``fit`` calls this)."""
+        from kdtoolkit.data.loader import make_loader
+        from kdtoolkit.data.roots import resolve_data_root
+        from kdtoolkit.engine.build import build_parts, resolve_device
+        from kdtoolkit.engine.distributed import dist_info, make_sampler
+
+        cfg = self.config
+        device = device or resolve_device(cfg.run.device)
+        if cfg.run.precision == "fp16" and device.type != "cuda":
+            raise ConfigError(problems=[("run.precision", "fp16 needs CUDA; use bf16 on the CPU")])
+        info = dist_info()
+        torch.manual_seed(cfg.run.seed)
+        root = resolve_data_root(cfg.data.root)
+        splits = self.registry.get("dataset", cfg.data.name).factory(cfg.data.options, root=root, download=cfg.data.download)
+        common = dict(mean=splits.mean, std=splits.std, device=device, channels_last=cfg.run.channels_last, num_workers=cfg.data.num_workers)
+        n_train = len(splits.train)
+        train_sampler = make_sampler(n_train, shuffle=True, seed=cfg.run.seed, drop_last=False, info=info)
+        train_loader = make_loader(
+            splits.train, batch_size=cfg.data.batch_size, sampler=train_sampler, augment=cfg.data.augment,
+            seed=cfg.run.seed, drop_last=n_train >= cfg.data.batch_size, **common,
+        )
+        test_sampler = make_sampler(len(splits.test), shuffle=False, seed=cfg.run.seed, drop_last=False, info=info)
+        test_loader = make_loader(splits.test, batch_size=cfg.data.eval_batch_size, sampler=test_sampler, augment=False, seed=cfg.run.seed, **common)
+        sample = next(iter(test_loader))[0][:8]
+        built = build_parts(cfg, self.registry, num_classes=splits.num_classes, device=device, sample=sample)
+        if cfg.run.channels_last:
+            for model in built.models.values():
+                model.to(memory_format=torch.channels_last)
+        built.data = (splits, train_loader, test_loader)
+        self._built = built
+        return built
+
+    # -- running --
+    def fit(self, *, resume: bool = False, stream=sys.stderr) -> dict[str, Any]:
+        """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch."""
+        from kdtoolkit.engine.distributed import dist_info
+        from kdtoolkit.engine.trainer import Trainer
+
+        built = self.build()
+        _, train_loader, test_loader = built.data
+        run_dir = self.run_dir
+        info = dist_info()
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume and (run_dir / "checkpoints" / "last.safetensors").exists():
+                raise CheckpointError(
+                    f"{run_dir} already holds a checkpoint: continue it with --resume, or set run.output_dir "
+                    "(or run.name) to start a new run"
+                )
+            (run_dir / "pipeline.json").write_text(json.dumps(self.raw, indent=2) + "\n")
+        trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
+        return trainer.fit(resume=resume)
+
+    def evaluate(self, checkpoint: str | Path | None = None, *, stream=sys.stderr) -> dict[str, float]:
+        """Accuracy of every evaluated model on the test split, with the weights of ``checkpoint``
+        (default: the run's best checkpoint; the freshly built weights if there is none)."""
+        from kdtoolkit.engine.checkpoint import Checkpoint
+        from kdtoolkit.engine.output import progress_enabled
+        from kdtoolkit.engine.trainer import evaluate
+
+        built = self._built or self.build()
+        path = Path(checkpoint) if checkpoint else self.run_dir / "checkpoints" / "best.safetensors"
+        if checkpoint or path.exists():
+            built.module.load_state_dict(Checkpoint(path).module_state)
+        _, _, test_loader = built.data
+        return evaluate(built, test_loader, precision=self.config.run.precision, progress=progress_enabled(self.config.run.progress, stream))

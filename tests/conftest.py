@@ -1,0 +1,77 @@
+"""Shared fixtures: small real CIFAR data in torchvision's layout."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _synthetic_cifar10(root: Path) -> Path:
+    """CIFAR-10 in torchvision's on-disk layout with random pixels (when the real subset is absent)."""
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        labels = rng.integers(0, 10, 200).tolist()
+        data = rng.integers(0, 256, (200, 3072), dtype=np.uint8)
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory) -> Path:
+    """The bit-exact CIFAR-10 subset from ../shared/data (5085 train / 1017 test), else synthetic."""
+    for candidate in (os.environ.get("KDTOOLKIT_TEST_CIFAR10"), SHARED_DATA / "cifar10-exact-subset"):
+        if candidate and (Path(candidate) / "cifar-10-batches-py").is_dir():
+            return Path(candidate)
+    return _synthetic_cifar10(tmp_path_factory.mktemp("cifar10"))
+
+
+@pytest.fixture(scope="session")
+def cifar100_root() -> Path:
+    path = SHARED_DATA / "cifar100-exact-subset"
+    if not (path / "cifar-100-python").is_dir():
+        pytest.skip("CIFAR-100 subset not available")
+    return path
+
+
+def tiny_pipeline(root: Path, run_dir: Path, *, epochs: int = 2, extra: str = "", model: str = "student", method: str = "supervised", losses: str | None = None) -> str:
+    """A pipeline TOML small enough for a test: WRN-10-1 on 512 training images."""
+    losses = '[[losses]]\nname = "ce"\n' if losses is None else losses
+    return textwrap.dedent(f"""
+        schema_version = 1
+        [run]
+        name = "tiny"
+        seed = 3
+        epochs = {epochs}
+        output_dir = "{run_dir.as_posix()}"
+        progress = "off"
+        [data]
+        name = "cifar10"
+        root = "{root.as_posix()}"
+        batch_size = 64
+        eval_batch_size = 128
+        train_size = 512
+        test_size = 256
+        [models.{model}]
+        name = "wrn"
+        depth = 10
+        width = 1
+        [method]
+        name = "{method}"
+        [optimizer]
+        lr = 0.05
+        schedule = {{ name = "cosine" }}
+    """) + textwrap.dedent(losses) + textwrap.dedent(extra)

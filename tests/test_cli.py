@@ -1,0 +1,88 @@
+"""The command line: one line per problem, exit code 2, no tracebacks; plugin listing shape."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from click.testing import CliRunner
+
+from kdtoolkit.cli import main
+
+BAD = """
+schema_version = 1
+[run]
+epochs = "two"
+[data]
+name = "cifar10"
+[models.student]
+name = "wrn"
+widht = 1
+[[losses]]
+name = "cee"
+"""
+
+
+def test_validate_reports_all_mistakes_exit_2(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 3
+    assert any("run.epochs" in line for line in lines)
+    assert any("models.student.widht" in line and "width" in line for line in lines)
+    assert any("losses[0].name" in line for line in lines)
+    assert "Traceback" not in result.output
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    proc = subprocess.run([sys.executable, "-m", "kdtoolkit.cli", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("error:") == 3
+
+
+def test_missing_file_and_invalid_toml(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["validate", str(tmp_path / "nope.toml")])
+    assert r.exit_code == 2 and "no such file" in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nepochs = 1")
+    r = runner.invoke(main, ["validate", str(bad)])
+    assert r.exit_code == 2 and "invalid TOML" in r.output
+
+
+def test_validate_ok(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text(BAD.replace('"two"', "2").replace("widht", "width").replace('"cee"', '"ce"'))
+    r = CliRunner().invoke(main, ["validate", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "ok" in r.output
+
+
+def test_set_override_errors_are_reported(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text(BAD.replace('"two"', "2").replace("widht", "width").replace('"cee"', '"ce"'))
+    r = CliRunner().invoke(main, ["validate", str(path), "--set", "run.epochs=-1"])
+    assert r.exit_code == 2 and "run.epochs" in r.output
+
+
+def test_plugins_json_shape():
+    r = CliRunner().invoke(main, ["plugins", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        assert set(row) == {"name", "version", "provides"}
+        assert all(isinstance(v, list) for v in row["provides"].values())
+    by_name = {row["name"]: row for row in rows}
+    assert "wrn" in by_name["models"]["provides"]["model"]
+    assert by_name["models"]["version"]  # first-party plugins come from the installed distribution
+
+
+def test_eval_of_missing_run_dir(tmp_path):
+    r = CliRunner().invoke(main, ["eval", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "no such checkpoint" in r.output
