@@ -48,6 +48,8 @@ class MethodContext:
     num_classes: int
     config: PipelineConfig
     registry: Any = None
+    #: an input batch (on the device) for shape inference, e.g. to build regressors; never train on it
+    sample: torch.Tensor | None = None
 
     def students(self) -> list[str]:
         return [n for n, s in self.specs.items() if s.role == "student"]

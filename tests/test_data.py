@@ -549,3 +549,16 @@ def test_loader_argument_errors():
         loader(split, mean=(0.5,), std=(0.5,))
     with pytest.raises(TypeError, match="TensorSplit"):
         InMemoryLoader([1, 2], batch_size=2, augment=False, mean=MEAN, std=STD)
+
+
+def test_cifar_download_true_uses_existing_local_files(cifar10_root, monkeypatch):
+    """Local files that are not the original distribution (md5 differs) are used as they are even
+    with download = true: no network access is attempted."""
+    from torchvision.datasets import cifar as tv_cifar
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("download attempted although the files are on disk")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", no_network)
+    splits = build_cifar10(CifarOptions(test_size=10), root=cifar10_root, download=True)
+    assert len(splits.test) == 10

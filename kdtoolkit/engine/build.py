@@ -249,7 +249,9 @@ def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, de
         model.to(device)
     for term in terms:
         term.to(device)
-    ctx = MethodContext(models=models, specs=dict(cfg.models), losses=terms, taps=taps, num_classes=num_classes, config=cfg, registry=registry)
+    if sample is not None:
+        sample = sample.to(device)
+    ctx = MethodContext(models=models, specs=dict(cfg.models), losses=terms, taps=taps, num_classes=num_classes, config=cfg, registry=registry, sample=sample)
     method = registry.get("method", cfg.method.name).factory(cfg.method.options, ctx)
     method.to(device)
     module = PipelineModule(models, terms, method)

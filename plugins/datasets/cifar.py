@@ -101,6 +101,9 @@ def load_cifar(name: str, options, *, root: pathlib.Path, download: bool) -> Dat
     """``cifar10``/``cifar100`` as in-memory ``TensorSplit``s (see ``CifarOptions``)."""
     cls, num_classes, mean, std = _SPECS[name]
     root = pathlib.Path(root)
+    # Files already on disk are used as they are, also with download = true (a copy that is not the
+    # original distribution would otherwise fail torchvision's md5 check and be fetched again).
+    download = download and bool(_missing_files(cls, root))
     if not download:
         missing = _missing_files(cls, root)
         if missing:
