@@ -7,6 +7,7 @@ plugin's options are checked like the core's. The converter is built after the p
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
@@ -120,8 +121,14 @@ def _key(key: Any) -> str:
 
 
 def structure_errors(exc: BaseException) -> ConfigError:
+    found: list[tuple[str, str]] = []
+    _walk(exc, "", found)
     problems: list[tuple[str, str]] = []
-    _walk(exc, "", problems)
+    for path, msg in found:
+        # the same problem seen at a field and at its table (class-level validators): keep the field
+        if (path, msg) in problems or any(p.startswith(path + ".") and m.endswith(msg) for p, m in found if p != path):
+            continue
+        problems.append((path, msg))
     return ConfigError(problems=problems)
 
 
@@ -150,6 +157,40 @@ def _strict_bool(value, _type):
     if not isinstance(value, bool):
         raise _Problem(f"expected true or false, got {value!r}")
     return value
+
+
+def _is_list(t) -> bool:
+    return getattr(t, "__origin__", None) is list
+
+
+def _is_dict(t) -> bool:
+    return getattr(t, "__origin__", None) is dict
+
+
+def _list_hook(conv: cattrs.Converter, t):
+    from cattrs.cols import list_structure_factory
+
+    base = list_structure_factory(t, conv)
+
+    def hook(value, _type):
+        if not isinstance(value, (list, tuple)):
+            raise _Problem(f"expected an array (a TOML list, or [[...]] tables), got {value!r}")
+        return base(value, _type)
+
+    return hook
+
+
+def _dict_hook(conv: cattrs.Converter, t):
+    from cattrs.gen import make_mapping_structure_fn
+
+    base = make_mapping_structure_fn(t, conv)
+
+    def hook(value, _type):
+        if not isinstance(value, dict):
+            raise _Problem(f"expected a table, got {value!r}")
+        return base(value, _type)
+
+    return hook
 
 
 def _str_or_str_list(value, _type):
@@ -203,6 +244,8 @@ def make_converter(registry: Registry) -> cattrs.Converter:
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(Union[str, list[str]], _str_or_str_list)
     conv.register_structure_hook_factory(attrs.has, lambda cls: _all_errors_hook(conv, cls))
+    conv.register_structure_hook_factory(_is_list, lambda t: _list_hook(conv, t))
+    conv.register_structure_hook_factory(_is_dict, lambda t: _dict_hook(conv, t))
     for cls, kind in COMPONENT_KINDS.items():
         conv.register_structure_hook(cls, _component_hook(conv, cls, kind, registry))
         conv.register_unstructure_hook(cls, _component_unstructure(conv, cls))
@@ -300,7 +343,7 @@ def read_toml(path: str | Path) -> dict:
 
 def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
     """Apply ``key.path=value`` strings (``--set``); values are parsed as TOML, else kept as strings."""
-    raw = _deepcopy(raw)
+    raw = copy.deepcopy(raw)
     problems = []
     for item in overrides:
         if "=" not in item:
@@ -341,14 +384,6 @@ def _set_path(raw: dict, key: str, value: Any) -> None:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
-
-
-def _deepcopy(value):
-    if isinstance(value, dict):
-        return {k: _deepcopy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deepcopy(v) for v in value]
-    return value
 
 
 def structure(raw: dict, registry: Registry) -> PipelineConfig:

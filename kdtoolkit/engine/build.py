@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kdtoolkit.config.schema import LossConfig, PipelineConfig
+from kdtoolkit.engine.distributed import dist_info, wrap_model
 from kdtoolkit.errors import CheckpointError, ConfigError, KDToolkitError
 from kdtoolkit.features import FeatureTaps, resolve_module
 from kdtoolkit.losses import LossTerm, Ref, default_inputs
@@ -251,7 +252,11 @@ def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, de
         term.to(device)
     if sample is not None:
         sample = sample.to(device)
-    ctx = MethodContext(models=models, specs=dict(cfg.models), losses=terms, taps=taps, num_classes=num_classes, config=cfg, registry=registry, sample=sample)
+    # Methods run the (possibly DDP-wrapped) models; checkpoints hold the bare ones, so their keys
+    # never depend on how many processes trained them.
+    info = dist_info()
+    running = {name: wrap_model(m, info, device) for name, m in models.items()}
+    ctx = MethodContext(models=running, specs=dict(cfg.models), losses=terms, taps=taps, num_classes=num_classes, config=cfg, registry=registry, sample=sample)
     method = registry.get("method", cfg.method.name).factory(cfg.method.options, ctx)
     method.to(device)
     module = PipelineModule(models, terms, method)
