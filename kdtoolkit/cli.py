@@ -122,5 +122,23 @@ def eval_(run_dir, checkpoint, as_json):
         click.echo(f"{key} = {value:.4f}" if key.endswith("/loss") else f"{key} = {value:.2f}")
 
 
+@main.command("plot-fusion")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")
+@user_errors
+def plot_fusion(run_dir, out):
+    """Plot CMT-KD importance weights per teacher over training, one panel per fusion stage."""
+    from kdtoolkit.engine.output import MetricsWriter
+    from kdtoolkit.errors import CheckpointError
+    from kdtoolkit.plotting import plot_fusion_weights
+
+    rows = []
+    for fmt in ("jsonl", "csv"):
+        rows = rows or MetricsWriter(Path(run_dir), fmt).read()
+    if not rows:
+        raise CheckpointError(f"{run_dir}: no metrics.jsonl or metrics.csv")
+    click.echo(f"wrote {plot_fusion_weights(rows, out)}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -98,6 +98,12 @@ class Method(nn.Module):
         model is built."""
         return []
 
+    @classmethod
+    def check_models(cls, options, config: PipelineConfig, models: dict[str, nn.Module]) -> list[tuple[str, str]]:
+        """Problems that need the built (float or quantized, untrained) models, e.g. stage splits;
+        run by ``validate`` before training."""
+        return []
+
 
 class LossTermsMethod(Method):
     """Forward every model (frozen ones without gradient), then evaluate the loss terms."""

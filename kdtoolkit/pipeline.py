@@ -90,6 +90,9 @@ class Pipeline:
         losses = effective_losses(self.config, self.registry)
         inputs = [resolved_inputs(lc, self.registry.get("loss", lc.name).factory, self.config) for lc in losses]
         _, problems = feature_refs(inputs, models, losses)
+        method = self.registry.get("method", self.config.method.name).factory
+        if hasattr(method, "check_models"):
+            problems += method.check_models(self.config.method.options, self.config, models)
         if problems:
             raise ConfigError(problems=problems)
 

@@ -86,3 +86,15 @@ def test_plugins_json_shape():
 def test_eval_of_missing_run_dir(tmp_path):
     r = CliRunner().invoke(main, ["eval", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no such checkpoint" in r.output
+
+
+def test_plot_fusion_writes_png(tmp_path):
+    rows = [{"epoch": e, "fusion/stage0/t4": 0.2 + 0.01 * e, "fusion/stage0/t8": 0.8 - 0.01 * e,
+             "fusion/stage1/t4": 0.5, "fusion/stage1/t8": 0.5} for e in range(1, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "fig.png"
+    r = CliRunner().invoke(main, ["plot-fusion", str(tmp_path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(main, ["plot-fusion", str(tmp_path / "nothing"), "--out", str(out)])
+    assert r.exit_code == 2 and "no metrics" in r.output

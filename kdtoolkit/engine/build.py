@@ -264,17 +264,22 @@ def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, de
 
 
 def _shapes(models, taps, sample) -> dict[str, torch.Size]:
+    """Output and tapped-feature shapes from one forward of ``sample``, without side effects: the
+    models' state (BN statistics, data-initialised quantizer steps) is restored afterwards."""
     shapes: dict[str, torch.Size] = {}
-    modes = {n: m.training for n, m in models.items()}
     with torch.no_grad():
         for name, model in models.items():
+            mode = model.training
+            state = {k: v.clone() for k, v in model.state_dict().items()}
             model.eval()
             out = model(sample)
             shapes[name] = out.shape
             if name in taps:
                 for path, feat in taps[name].features.items():
                     shapes[f"{name}:{path}"] = feat.shape
-            model.train(modes[name])
+                taps[name].clear()
+            model.load_state_dict(state)
+            model.train(mode)
     return shapes
 
 
