@@ -122,6 +122,24 @@ def eval_(run_dir, checkpoint, as_json):
         click.echo(f"{key} = {value:.4f}" if key.endswith("/loss") else f"{key} = {value:.2f}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="The .safetensors file to write.")
+@click.option("--model", "model_name", default=None, help="Model of the run to export (default: its student).")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@user_errors
+def export(run_dir, out, model_name, checkpoint):
+    """Write the quantized model of RUN_DIR as packed integer codes (safetensors)."""
+    from kdtoolkit.export import export_run
+
+    sizes = export_run(run_dir, out, model_name=model_name, checkpoint=checkpoint)
+    mib = 1024 * 1024
+    click.echo(f"wrote {out}: {sizes['file'] / mib:.3f} MiB (float32 model: {sizes['float32_model'] / mib:.3f} MiB, "
+               f"{sizes['float32_model'] / sizes['file']:.1f}x smaller)")
+    click.echo(f"quantized layers: {sizes['quantized_weights'] / mib:.3f} MiB packed vs "
+               f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
+
+
 @main.command("plot-fusion")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")

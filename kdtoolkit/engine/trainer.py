@@ -197,6 +197,7 @@ class Trainer:
             "metrics": row,
             "config": self.raw_config,
             "student": students[0] if students else next(iter(specs)),
+            "num_classes": self.built.num_classes,
             "models": {n: {"name": s.name, "role": s.role} for n, s in specs.items()},
             "torch_version": torch.__version__,
         }
