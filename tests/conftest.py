@@ -75,3 +75,48 @@ def tiny_pipeline(root: Path, run_dir: Path, *, epochs: int = 2, extra: str = ""
         lr = 0.05
         schedule = {{ name = "cosine" }}
     """) + textwrap.dedent(losses) + textwrap.dedent(extra)
+
+
+KILLER = '''
+"""A schedule plugin that SIGKILLs its own process at a given fractional epoch (env var)."""
+import os, signal
+import attrs
+import kdtoolkit
+
+@attrs.frozen
+class Opts:
+    pass
+
+class KillAt:
+    def __init__(self, options):
+        self.at = float(os.environ.get("KILL_AT_EPOCH", "inf"))
+    def __call__(self, epoch, total_epochs):
+        if epoch >= self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return 1.0
+
+@kdtoolkit.hookimpl
+def register_schedules(register):
+    register("kill_at", KillAt, options=Opts)
+'''
+
+RUNNER = '''
+import sys, killer
+from kdtoolkit import Pipeline
+Pipeline.from_toml(sys.argv[1], plugins=[killer]).fit(resume=sys.argv[2] == "resume")
+'''
+
+
+def run_pipeline_process(tmp_path: Path, toml: Path, mode: str, kill_at: float | None = None):
+    """Run ``toml`` in a fresh process (``mode`` "fresh" or "resume") with the ``kill_at`` schedule
+    plugin available; with ``kill_at`` the process SIGKILLs itself at that fractional epoch."""
+    import subprocess
+    import sys
+
+    (tmp_path / "killer.py").write_text(KILLER)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env.pop("KILL_AT_EPOCH", None)
+    if kill_at is not None:
+        env["KILL_AT_EPOCH"] = str(kill_at)
+    return subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(toml), mode], env=env, capture_output=True, text=True)

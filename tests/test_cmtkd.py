@@ -13,6 +13,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
+
+from conftest import run_pipeline_process
 import torch
 
 from kdtoolkit import Pipeline
@@ -377,69 +379,23 @@ def e2e_toml(root: Path, run_dir: Path, *, epochs: int, schedule: str = '{ name 
     """)
 
 
-KILLER = '''
-"""A schedule plugin that SIGKILLs its own process at a given fractional epoch (env var)."""
-import os, signal
-import attrs
-import kdtoolkit
-
-@attrs.frozen
-class Opts:
-    pass
-
-class KillAt:
-    def __init__(self, options):
-        self.at = float(os.environ.get("KILL_AT_EPOCH", "inf"))
-    def __call__(self, epoch, total_epochs):
-        if epoch >= self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return 1.0
-
-@kdtoolkit.hookimpl
-def register_schedules(register):
-    register("kill_at", KillAt, options=Opts)
-'''
-
-RUNNER = '''
-import sys
-from importlib.metadata import entry_points
-import killer
-from kdtoolkit import Pipeline
-plugins = [killer]
-if not entry_points(group="kdtoolkit", name="cmtkd"):
-    import kdtoolkit_plugins.methods.cmtkd as cmtkd
-    plugins.append(cmtkd)
-Pipeline.from_toml(sys.argv[1], plugins=plugins).fit(resume=sys.argv[2] == "resume")
-'''
-
-
-def _run(tmp_path, toml, mode, kill_at=None):
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    env.pop("KILL_AT_EPOCH", None)
-    if kill_at is not None:
-        env["KILL_AT_EPOCH"] = str(kill_at)
-    return subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(toml), mode], env=env, capture_output=True, text=True)
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_cmtkd_end_to_end_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar10_root):
-    (tmp_path / "killer.py").write_text(KILLER)
-    (tmp_path / "runner.py").write_text(RUNNER)
     schedule = '{ name = "kill_at" }'
     ref_toml, crash_toml = tmp_path / "ref.toml", tmp_path / "crash.toml"
     ref_toml.write_text(e2e_toml(cifar10_root, tmp_path / "ref", epochs=3, schedule=schedule))
     crash_toml.write_text(e2e_toml(cifar10_root, tmp_path / "crash", epochs=3, schedule=schedule))
 
-    ref = _run(tmp_path, ref_toml, "fresh")
+    ref = run_pipeline_process(tmp_path, ref_toml, "fresh")
     assert ref.returncode == 0, ref.stderr
-    crashed = _run(tmp_path, crash_toml, "fresh", kill_at=1.5)  # half-way through the second epoch
+    crashed = run_pipeline_process(tmp_path, crash_toml, "fresh", kill_at=1.5)  # half-way through the second epoch
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     assert Checkpoint(tmp_path / "crash" / "checkpoints" / "last.safetensors").meta["epoch"] == 1
-    resumed = _run(tmp_path, crash_toml, "resume")
+    resumed = run_pipeline_process(tmp_path, crash_toml, "resume")
     assert resumed.returncode == 0, resumed.stderr
 
     a = Checkpoint(tmp_path / "ref" / "checkpoints" / "last.safetensors").module_state

@@ -14,6 +14,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from conftest import run_pipeline_process
 import torch
 from torch import nn
 
@@ -323,56 +325,12 @@ def expert_run(tmp_path_factory, cifar10_root) -> Path:
     return tmp / "run"
 
 
-KILLER = '''
-"""A schedule plugin that SIGKILLs its own process at a given fractional epoch (env var)."""
-import os, signal
-import attrs
-import kdtoolkit
-
-@attrs.frozen
-class Opts:
-    pass
-
-class KillAt:
-    def __init__(self, options):
-        self.at = float(os.environ.get("KILL_AT_EPOCH", "inf"))
-    def __call__(self, epoch, total_epochs):
-        if epoch >= self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return 1.0
-
-@kdtoolkit.hookimpl
-def register_schedules(register):
-    register("kill_at", KillAt, options=Opts)
-'''
-
-RUNNER = '''
-import importlib.metadata, sys, killer
-from kdtoolkit import Pipeline
-plugins = [killer]
-if not importlib.metadata.entry_points(group="kdtoolkit", name="ctkd"):
-    import kdtoolkit_plugins.methods.ctkd
-    plugins.append(kdtoolkit_plugins.methods.ctkd)
-Pipeline.from_toml(sys.argv[1], plugins=plugins).fit(resume=sys.argv[2] == "resume")
-'''
-
-
-def _run(tmp_path, toml, mode, kill_at=None):
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    env.pop("KILL_AT_EPOCH", None)
-    if kill_at is not None:
-        env["KILL_AT_EPOCH"] = str(kill_at)
-    return subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(toml), mode], env=env, capture_output=True, text=True)
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_ctkd_end_to_end_sigkill_and_resume_is_bit_identical(tmp_path, cifar10_root, expert_run):
-    (tmp_path / "killer.py").write_text(KILLER)
-    (tmp_path / "runner.py").write_text(RUNNER)
     method = """
         share_first_conv = true
         [optimizer]
@@ -384,12 +342,12 @@ def test_ctkd_end_to_end_sigkill_and_resume_is_bit_identical(tmp_path, cifar10_r
         tomls[name] = tmp_path / f"{name}.toml"
         tomls[name].write_text(ctkd_toml(cifar10_root, tmp_path / name, expert_run, epochs=3, method=method))
 
-    ref = _run(tmp_path, tomls["ref"], "fresh")
+    ref = run_pipeline_process(tmp_path, tomls["ref"], "fresh")
     assert ref.returncode == 0, ref.stderr
-    crashed = _run(tmp_path, tomls["crash"], "fresh", kill_at=1.5)  # half-way through the second epoch
+    crashed = run_pipeline_process(tmp_path, tomls["crash"], "fresh", kill_at=1.5)  # half-way through the second epoch
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     assert Checkpoint(tmp_path / "crash" / "checkpoints" / "last.safetensors").meta["epoch"] == 1
-    resumed = _run(tmp_path, tomls["crash"], "resume")
+    resumed = run_pipeline_process(tmp_path, tomls["crash"], "resume")
     assert resumed.returncode == 0, resumed.stderr
 
     a = Checkpoint(tmp_path / "ref" / "checkpoints" / "last.safetensors")

@@ -19,7 +19,7 @@ from kdtoolkit.cli import main
 from kdtoolkit.engine.checkpoint import Checkpoint
 from kdtoolkit.errors import CheckpointError
 
-from conftest import tiny_pipeline
+from conftest import tiny_pipeline, run_pipeline_process
 
 pytestmark = pytest.mark.slow
 
@@ -105,47 +105,7 @@ def test_existing_run_is_never_overwritten(teacher_run, cifar10_root):
     assert (teacher_run / "checkpoints" / "last.safetensors").read_bytes() == before
 
 
-KILLER = '''
-"""A schedule plugin that SIGKILLs its own process at a given fractional epoch (env var)."""
-import os, signal
-import attrs
-import kdtoolkit
-
-@attrs.frozen
-class Opts:
-    pass
-
-class KillAt:
-    def __init__(self, options):
-        self.at = float(os.environ.get("KILL_AT_EPOCH", "inf"))
-    def __call__(self, epoch, total_epochs):
-        if epoch >= self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return 1.0
-
-@kdtoolkit.hookimpl
-def register_schedules(register):
-    register("kill_at", KillAt, options=Opts)
-'''
-
-RUNNER = '''
-import sys, killer
-from kdtoolkit import Pipeline
-Pipeline.from_toml(sys.argv[1], plugins=[killer]).fit(resume=sys.argv[2] == "resume")
-'''
-
-
-def _run(tmp_path, toml, mode, kill_at=None):
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    env.pop("KILL_AT_EPOCH", None)
-    if kill_at is not None:
-        env["KILL_AT_EPOCH"] = str(kill_at)
-    return subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(toml), mode], env=env, capture_output=True, text=True)
-
-
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar10_root):
-    (tmp_path / "killer.py").write_text(KILLER)
-    (tmp_path / "runner.py").write_text(RUNNER)
     losses = """
         [[losses]]
         name = "ce"
@@ -157,13 +117,13 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar10_root):
     crash_toml = tmp_path / "crash.toml"
     crash_toml.write_text(tiny_pipeline(cifar10_root, tmp_path / "crash", epochs=3, losses=losses, extra=extra))
 
-    ref = _run(tmp_path, ref_toml, "fresh")
+    ref = run_pipeline_process(tmp_path, ref_toml, "fresh")
     assert ref.returncode == 0, ref.stderr
-    crashed = _run(tmp_path, crash_toml, "fresh", kill_at=1.5)  # half-way through the second epoch
+    crashed = run_pipeline_process(tmp_path, crash_toml, "fresh", kill_at=1.5)  # half-way through the second epoch
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     last = Checkpoint(tmp_path / "crash" / "checkpoints" / "last.safetensors")
     assert last.meta["epoch"] == 1  # the crash lost only the unfinished epoch
-    resumed = _run(tmp_path, crash_toml, "resume")
+    resumed = run_pipeline_process(tmp_path, crash_toml, "resume")
     assert resumed.returncode == 0, resumed.stderr
 
     a = Checkpoint(tmp_path / "ref" / "checkpoints" / "last.safetensors")
