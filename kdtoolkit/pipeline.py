@@ -55,11 +55,7 @@ class Pipeline:
     # -- construction --
     @classmethod
     def from_toml(cls, path: str | Path, *, overrides: Iterable[str] = (), plugins: Iterable[Any] = ()) -> "Pipeline":
-        raw = apply_overrides(read_toml(path), overrides)
-        try:
-            return cls(raw, plugins=plugins)
-        except ConfigError as exc:
-            raise exc.at("") from None
+        return cls(apply_overrides(read_toml(path), overrides), plugins=plugins)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, plugins: Iterable[Any] = ()) -> "Pipeline":
@@ -89,7 +85,7 @@ class Pipeline:
             torch.set_rng_state(torch_state)
         losses = effective_losses(self.config, self.registry)
         inputs = [resolved_inputs(lc, self.registry.get("loss", lc.name).factory, self.config) for lc in losses]
-        _, problems = feature_refs(inputs, models, losses)
+        _, problems = feature_refs(inputs, models)
         method = self.registry.get("method", self.config.method.name).factory
         if hasattr(method, "check_models"):
             problems += method.check_models(self.config.method.options, self.config, models)

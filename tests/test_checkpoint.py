@@ -1,7 +1,6 @@
 """Checkpoints: safetensors + JSON, exact round trip of module, optimizer and RNG, atomic writes."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -4,10 +4,7 @@ written from the paper's formulas, checks, and end-to-end runs with exact resume
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 from importlib.metadata import entry_points
 from pathlib import Path

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 import tomllib
 from pathlib import Path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import attrs
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kdtoolkit_plugins.losses as losses_plugin

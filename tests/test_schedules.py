@@ -4,7 +4,6 @@ import math
 
 import pytest
 
-from kdtoolkit.errors import ConfigError
 from kdtoolkit.plugins import load_registry
 from kdtoolkit.config.load import make_converter
 
@@ -42,9 +41,12 @@ def test_piecewise_steps_and_interpolation(registry):
     assert lin(5, 20) == pytest.approx(0.5) and lin(15, 20) == 1.0
 
 
-def test_piecewise_lengths_must_match(registry):
-    with pytest.raises(Exception):
-        make(registry, "piecewise", epochs=[0, 10], values=[1.0])
+def test_piecewise_lengths_must_match():
+    from kdtoolkit.config.validators import FieldError
+    from kdtoolkit_plugins.schedules import PiecewiseOptions
+
+    with pytest.raises(FieldError, match="one value per epoch"):
+        PiecewiseOptions(epochs=(0.0, 10.0), values=(1.0,))
 
 
 def test_schedules_are_pure(registry):

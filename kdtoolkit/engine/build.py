@@ -154,7 +154,7 @@ def expand_ref(ref: Ref, models: dict[str, nn.Module], where: str) -> list[Ref]:
     return [Ref(ref.model, p) for p in paths]
 
 
-def feature_refs(terms_inputs: list[dict[str, Any]], models: dict[str, nn.Module], losses: list[LossConfig]) -> tuple[list[dict], list[tuple[str, str]]]:
+def feature_refs(terms_inputs: list[dict[str, Any]], models: dict[str, nn.Module]) -> tuple[list[dict], list[tuple[str, str]]]:
     """Expand ``:stages`` and check every feature path exists; returns the expanded inputs."""
     problems: list[tuple[str, str]] = []
     out = []
@@ -208,7 +208,7 @@ def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, de
     losses_cfg = effective_losses(cfg, registry)
     loss_classes = [registry.get("loss", lc.name).factory for lc in losses_cfg]
     inputs = [resolved_inputs(lc, cls, cfg) for lc, cls in zip(losses_cfg, loss_classes)]
-    inputs, problems = feature_refs(inputs, models, losses_cfg)
+    inputs, problems = feature_refs(inputs, models)
     if problems:
         raise ConfigError(problems=problems)
 
