@@ -98,6 +98,10 @@ def plugins(as_json):
         click.echo(f"{row['name']} {row['version'] or ''}".rstrip())
         for kind, names in row["provides"].items():
             click.echo(f"  {kind}: {', '.join(names)}")
+    from kdtoolkit.quant import native
+
+    kernels = native.status()
+    click.echo(f"native quantizer kernels: {'available' if kernels['available'] else 'unavailable'} ({kernels['reason']})")
 
 
 @main.command("eval")

@@ -30,6 +30,35 @@ def _synthetic_cifar10(root: Path) -> Path:
     return root
 
 
+def native_kernels_or_skip() -> None:
+    """Skip unless the fused quantizer kernels build here (KDTOOLKIT_NATIVE=require, as in CI, fails instead)."""
+    from kdtoolkit.quant import native
+
+    if native.library() is None:
+        pytest.skip(f"native quantizer kernels unavailable: {native.status()['reason']}")
+
+
+#: the three implementations of a first-party quantizer, see select_quant_path
+QUANT_PATHS = ["native", "aten", "compiler"]
+
+
+def select_quant_path(path: str, plugin_module, monkeypatch) -> str:
+    """Make ``plugin_module``'s quantizers take one implementation: "native" (the fused C kernels),
+    "aten" (the eager ATen chain, native kernels off) or "compiler" (the plain math they use under
+    torch.compile)."""
+    from kdtoolkit.quant import native
+
+    if path == "native":
+        native_kernels_or_skip()
+    elif path == "aten":
+        monkeypatch.setattr(native, "supports", lambda *args: False)
+    elif path == "compiler":
+        monkeypatch.setattr(plugin_module, "compiler_math", lambda: True)
+    else:
+        raise ValueError(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def cifar10_root(tmp_path_factory) -> Path:
     """The bit-exact CIFAR-10 subset from ../shared/data (5085 train / 1017 test), else synthetic."""

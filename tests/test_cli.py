@@ -82,6 +82,16 @@ def test_plugins_json_shape():
     assert by_name["models"]["version"]  # first-party plugins come from the installed distribution
 
 
+def test_plugins_text_lists_components_and_native_kernel_status():
+    from kdtoolkit.quant import native
+
+    r = CliRunner().invoke(main, ["plugins"])
+    assert r.exit_code == 0, r.output
+    assert "quantizer: hwgq" in r.output and "quantizer: lsq" in r.output
+    expected = "available" if native.status()["available"] else "unavailable"
+    assert f"native quantizer kernels: {expected} (" in r.output.splitlines()[-1]
+
+
 def test_eval_of_missing_run_dir(tmp_path):
     r = CliRunner().invoke(main, ["eval", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no such checkpoint" in r.output

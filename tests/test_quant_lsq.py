@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import QUANT_PATHS, select_quant_path
 
 import kdtoolkit_plugins.quantizers.lsq as lsq_plugin
 from kdtoolkit.plugins import load_registry
@@ -20,12 +21,10 @@ from kdtoolkit_plugins.quantizers.lsq import LSQActQuantizer, LSQOptions, LSQQua
 BITS = range(1, 9)
 
 
-@pytest.fixture(params=["eager", "compiler"])
+@pytest.fixture(params=QUANT_PATHS)
 def math_path(request, monkeypatch):
-    """Run a test on the eager kernels and on the plain math used under torch.compile."""
-    if request.param == "compiler":
-        monkeypatch.setattr(lsq_plugin, "compiler_math", lambda: True)
-    return request.param
+    """Run a test on the fused native kernels, the eager ATen chain and the plain math used under torch.compile."""
+    return select_quant_path(request.param, lsq_plugin, monkeypatch)
 
 
 def q_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -166,7 +165,7 @@ def test_q_ranges_signed_and_unsigned():
 
 
 def test_step_gradient_scale_is_one_over_sqrt_n_qp():
-    bits, (q_n, q_p) = 3, q_range(3, signed=False)
+    bits, (_, q_p) = 3, q_range(3, signed=False)
     q = LSQActQuantizer(bits).double()
     q.initialize(torch.ones(1))
     with torch.no_grad():
@@ -251,11 +250,13 @@ def test_bf16_channels_last(compute_dtype, math_path):
     dx, ds = torch.autograd.grad(y, [x, q.step], dy)
     assert dx.dtype == torch.bfloat16 and ds.dtype == torch.float32
     ref_y, ref_dx, ref_ds = ref_lsq(x.detach().double(), torch.tensor(0.375, dtype=torch.float64), dy.double(), q_n, q_p)
-    # in "input" mode x/s is rounded to bf16 (8 significant bits): inputs near a rounding threshold
-    # or a range end may land on the other side; in "float32" mode only the output is rounded
+    # in "input" mode the ATen and compiler paths round x/s to bf16 (8 significant bits): inputs near
+    # a rounding threshold or a range end may land on the other side; the native kernel computes x/s
+    # in float32 in both modes, so only the output is rounded (as in "float32" mode)
+    exact = compute_dtype == "float32" or math_path == "native"
     agree = (y.double() == ref_y).float().mean()
-    assert agree > (0.999 if compute_dtype == "float32" else 0.97)
-    if compute_dtype == "float32":
+    assert agree > (0.999 if exact else 0.97)
+    if exact:
         assert torch.equal(dx.double(), ref_dx)
     else:
         assert (dx.double() == ref_dx).float().mean() > 0.995

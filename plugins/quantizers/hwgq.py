@@ -14,14 +14,16 @@ Weights: mid-rise uniform grid ``±Δ/2, ±3Δ/2, …, ±(2^(b−1) − ½)Δ`` 
 
 Steps: MSE-optimal uniform steps for a unit Gaussian (the project's METHODS.md, "Quantizers").
 
-Speed: custom autograd functions with constant (Python number) arguments, so no host sync. The
-activation forward is ``div`` (the one new tensor) then ``round_, clamp_, mul_`` and, for
-"caffe", ``threshold_backward`` (zero where ``x <= 0``) in place; the backward is one fused kernel
-(``hardtanh_backward`` with the exact clip bounds). Under ``torch.compile`` the same function uses
+Speed: custom autograd functions with constant (Python number) arguments, so no host sync. On the
+CPU the activation forward is one fused pass (:mod:`kdtoolkit.quant.native`, computing ``x/Δ`` in
+float32 for bf16 inputs); elsewhere it is ``div`` (the one new tensor) then ``round_, clamp_, mul_``
+and, for "caffe", ``threshold_backward`` (zero where ``x <= 0``) in place. The backward is one
+fused kernel (``hardtanh_backward`` with the exact clip bounds). Under ``torch.compile`` the same function uses
 plain ``where``/comparison math instead, which the compiler fuses (the in-place chain fuses badly).
 Weights: the std stays a device tensor.
-Under bf16 autocast the activation quantizer computes in bf16 (``compute_dtype="input"``: ``x/Δ``
-is rounded to 8 significant bits before ``round``) or in float32 (``"float32"``).
+Under bf16 autocast the activation quantizer keeps bf16 (``compute_dtype="input"``: the native
+kernel divides in float32; the ATen and compiled paths round ``x/Δ`` to 8 significant bits before
+``round``) or upcasts to float32 (``"float32"``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 import kdtoolkit
+from kdtoolkit.quant import native
 from kdtoolkit.quant.base import QuantizedWeight, bits_validator
 from kdtoolkit.quant.functional import (
     compiler_math,
@@ -69,7 +72,9 @@ class _HWGQActFunction(torch.autograd.Function):
         if ctx.compiled:  # plain math: torch.compile fuses it into one loop
             k = torch.clamp(torch.round(x / step), 1 if caffe else 0, levels)
             return torch.where(x > 0, k * step, 0.0) if caffe else k * step
-        # eager: one new tensor, then in-place passes; y = step * clamp(round(x / step), 1 or 0, levels)
+        if native.supports(x):  # one fused pass (kdtoolkit.quant.native)
+            return native.hwgq_forward(x, step, 1 if caffe else 0, levels, caffe)
+        # eager ATen: one new tensor, then in-place passes; y = step * clamp(round(x / step), 1 or 0, levels)
         y = torch.div(x, step).round_().clamp_(1 if caffe else 0, levels).mul_(step)
         if caffe:
             zero_where_nonpositive(y, x, inplace=True)  # 0 where x <= 0

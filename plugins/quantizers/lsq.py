@@ -25,19 +25,23 @@ again so that a loaded step is kept (the ``where``) rather than overwritten. ``r
 re-init from the next batch, ``initialize(x)`` does it now from ``x``. (With DDP, initialise
 before wrapping, or every rank keeps its own first-batch step.)
 
-**Speed.** Forward: ``div, clamp_, round_, mul_`` (one new tensor, the output). Backward:
-``t = x/s`` into a temporary, the in-range gradient written over it in one fused kernel
+**Speed.** On the CPU, per-tensor steps run the fused kernels of :mod:`kdtoolkit.quant.native`:
+the forward is one pass, the backward one pass giving the input gradient and the step gradient
+together (accumulated in float64). Elsewhere (CUDA, per-channel steps, non-dense tensors, no C
+compiler) the ATen chain: forward ``div, clamp_, round_, mul_`` (one new tensor, the output);
+backward ``t = x/s`` into a temporary, the in-range gradient written over it in one fused kernel
 (``hardtanh_backward``), and the step gradient from two fused reductions without temporaries,
 ``∂L/∂s = g·(⟨dy, v̂⟩ − ⟨dx, v⟩)/s``, which equals ``g·Σ dy·∂v̂/∂s`` because ``dx = dy·inside`` and
-``v̂ = round(c)·s`` (no mask tensor is ever built). Accumulated in float32 on the device. Under
-``torch.compile`` the function uses the formula as written (``where`` on a mask, one ``sum``),
-which the compiler fuses into one or two loops; the eager chain above fuses badly (measured).
+``v̂ = round(c)·s`` (no mask tensor is ever built). Under ``torch.compile`` the function uses the
+formula as written (``where`` on a mask, one ``sum``), which the compiler fuses into one or two
+loops; the eager chain above fuses badly (measured).
 
-**Precision.** ``compute_dtype="input"`` computes in the activation's dtype (bf16 under autocast).
-bf16 holds 8 significant bits: ``x/s`` is rounded to bf16 before ``round`` (inputs near a
-threshold may move to the next level), and from about 6-bit activations on the levels ``k·s``
-themselves are rounded (error up to ``k·s·2^-9``), which also enters ``∂L/∂s``.
-``compute_dtype="float32"`` computes the quantizer and its gradients in float32 and casts the
+**Precision.** ``compute_dtype="input"`` keeps the activation's dtype (bf16 under autocast).
+The native kernel computes ``x/s`` and the gradients in float32 and rounds only the output to bf16
+(8 significant bits: from about 6-bit activations the levels ``k·s`` are rounded, error up to
+``k·s·2^-9``). The ATen and compiled paths compute in bf16, so ``x/s`` is rounded before ``round``
+too (inputs near a threshold may move to the next level), and the rounded levels enter ``∂L/∂s``.
+``compute_dtype="float32"`` upcasts the input and computes everything in float32, then casts the
 output back (slower).
 """
 
@@ -50,6 +54,7 @@ import torch
 from torch import nn
 
 import kdtoolkit
+from kdtoolkit.quant import native
 from kdtoolkit.quant.base import QuantizedWeight, bits_validator
 from kdtoolkit.quant.functional import (
     accumulation_dtype,
@@ -96,6 +101,10 @@ class _LSQFunction(torch.autograd.Function):
         if ctx.compiled:  # plain math: torch.compile fuses it
             ctx.save_for_backward(x, step)
             return torch.round(torch.clamp(x / s, -q_n, q_p)) * s
+        ctx.native = step.dim() == 0 and native.supports(x, step)
+        if ctx.native:  # one fused pass (kdtoolkit.quant.native)
+            ctx.save_for_backward(x, step)
+            return native.lsq_forward(x, step, q_n, q_p)
         y = torch.div(x, s).clamp_(-q_n, q_p).round_().mul_(s)
         # x is kept alive by the ReLU before us and y by the layer after: saving them costs no memory
         # (saving t = x/s too would, and measured no faster than recomputing it)
@@ -107,6 +116,13 @@ class _LSQFunction(torch.autograd.Function):
         q_n, q_p, grad_scale = ctx.q
         if ctx.compiled:
             return _lsq_backward_plain(ctx, dy)
+        if ctx.native:
+            x, step = ctx.saved_tensors
+            dx, d_step = native.lsq_backward(
+                x, dy, step, q_n, q_p, grad_scale,
+                need_input_grad=ctx.needs_input_grad[0], need_step_grad=ctx.needs_input_grad[1],
+            )
+            return dx, d_step, None, None, None
         x, step, y = ctx.saved_tensors
         t = torch.div(x, _expand(step, x))
         dx = grad_in_range(dy, t, -q_n, q_p, out=t)  # t is a temporary: dx takes its memory
