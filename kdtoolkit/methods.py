@@ -87,9 +87,10 @@ class Method(nn.Module):
             model.train(mode and not self._specs[name].frozen)
         return self
 
-    def param_groups(self) -> list[tuple[list[str], float]]:
-        """Default parameter groups ``(fnmatch patterns, lr_scale)`` the method wants (the
-        pipeline's ``[[optimizer.param_groups]]`` come first)."""
+    def param_groups(self) -> list[tuple]:
+        """Default parameter groups the method wants, each ``(fnmatch patterns, lr_scale)`` or
+        ``(fnmatch patterns, lr_scale, weight_decay)`` (``None``: the optimizer's). The pipeline's
+        ``[[optimizer.param_groups]]`` come first: the first matching group wins."""
         return []
 
     @classmethod

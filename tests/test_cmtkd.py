@@ -258,6 +258,14 @@ def test_param_groups_epoch_metrics_and_state_dict():
         assert groups[f"method.fusion.{k}.importance"] == pytest.approx(0.01)
     assert groups["method.combine_fusion.importance"] == pytest.approx(0.01)
     assert groups["models.student.conv1.weight"] == pytest.approx(0.1)
+    decay = {n: g["weight_decay"] for g in opt.param_groups for n in g["names"]}
+    assert decay["method.fusion.0.importance"] == decay["models.student.conv1.weight"] == 5e-4  # default: the optimizer's
+    raw["method"]["importance_weight_decay"] = 0.0
+    pipe, rebuilt = Pipeline.from_dict(raw, plugins=cmtkd_plugins()), build(raw)
+    no_decay = build_optimizer(pipe.config, rebuilt.module, rebuilt.method)
+    decay = {n: g["weight_decay"] for g in no_decay.param_groups for n in g["names"]}
+    assert decay["method.fusion.2.importance"] == decay["method.combine_fusion.importance"] == 0.0
+    assert decay["models.student.conv1.weight"] == 5e-4
     metrics = built.method.epoch_metrics()
     assert set(metrics) == {f"fusion/stage{k}/{t}" for k in range(3) for t in ("t4", "t6", "t8")} | {
         f"fusion/logits/{t}" for t in ("t4", "t6", "t8")}

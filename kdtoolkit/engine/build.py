@@ -318,7 +318,11 @@ def load_pretrained(model: nn.Module, spec, name: str) -> None:
 def build_optimizer(cfg: PipelineConfig, module: PipelineModule, method: Method) -> torch.optim.Optimizer:
     o = cfg.optimizer
     rules = [(g.params, g.lr_scale, g.weight_decay) for g in o.param_groups]
-    rules += [(patterns, scale, None) for patterns, scale in method.param_groups()]
+    for group in method.param_groups():
+        if len(group) not in (2, 3):
+            raise TypeError(f"{type(method).__name__}.param_groups(): expected (patterns, lr_scale[, weight_decay]), got {group!r}")
+        patterns, scale, wd = (*group, None) if len(group) == 2 else group
+        rules.append((list(patterns), scale, wd))
     groups: dict[int, dict[str, Any]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:

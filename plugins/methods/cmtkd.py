@@ -26,7 +26,8 @@ Design decisions (each an option where the paper leaves room):
   (``stages = [...]``, :func:`kdtoolkit.staging.staged_from_paths`, torch.fx). The student runs stage
   by stage too, which gives its stage features without hooks.
 - **Fusion.** One ``importance`` fusion plugin per stage (its π are this method's parameters,
-  ``method.fusion.<k>.importance``, at ``importance_lr_scale`` × the learning rate, 0.1 as in the paper).
+  ``method.fusion.<k>.importance``, at ``importance_lr_scale`` × the learning rate, 0.1 as in the paper;
+  their weight decay is the optimizer's unless ``importance_weight_decay`` is set: the paper does not say).
 - **Gradient through F_k** (``detach_fused_target = false``, the default): the feature loss trains
   the student *and* the teachers and π through F_k, as the paper states ("the model weights of
   teachers, student and the importance factors ... are updated by minimizing L"; the importance
@@ -109,6 +110,8 @@ class CMTKDOptions:
     feature_stages: Optional[tuple[int, ...]] = attrs.field(default=None, converter=_tuple_or_none, validator=_stage_indices)
     #: learning-rate multiplier of the importance weights π (the paper: 0.1)
     importance_lr_scale: float = attrs.field(default=0.1, validator=positive)
+    #: weight decay of the importance factors π (the paper does not say); unset: the optimizer's
+    importance_weight_decay: Optional[float] = attrs.field(default=None, validator=attrs.validators.optional(non_negative))
     #: how the teachers' head logits become z_T: "mean" or a learned "importance" fusion
     combine: str = attrs.field(default="mean", validator=one_of(("mean", "importance")))
     #: module paths ending each stage, for models without built-in stages (applies to every network)
@@ -227,7 +230,8 @@ class CMTKD(Method):
         return out
 
     def param_groups(self) -> list[tuple[list[str], float]]:
-        return [(["method.fusion.*", "method.combine_fusion.*"], self.options.importance_lr_scale)]
+        o = self.options
+        return [(["method.fusion.*", "method.combine_fusion.*"], o.importance_lr_scale, o.importance_weight_decay)]
 
     def importance_weights(self) -> dict[str, torch.Tensor]:
         """``softmax(π)`` of every fusion (detached): ``"stage<k>"`` and, with combine = "importance", ``"logits"``."""

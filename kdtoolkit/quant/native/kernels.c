@@ -8,8 +8,9 @@
  * Arithmetic is that of the formulas in IEEE float (double for double tensors): x / s is a true
  * division, rint rounds half to even like torch.round, clamps propagate NaN like torch.clamp.
  * bfloat16 tensors are loaded to float, computed in float, stored with round-to-nearest-even
- * (c10::BFloat16's rule, NaN -> 0x7fc0). Reductions accumulate in double; with a fixed thread
- * count the static schedule makes them deterministic.
+ * (c10::BFloat16's rule, NaN -> 0x7fc0). Reductions sum blocks of KDQ_BLOCK elements in the
+ * compute type (float keeps the SIMD width), the block sums in double, and the per-thread sums in
+ * thread order, so a fixed thread count gives bit-identical results.
  *
  * Scalars that live in tensors (LSQ's learned step) are read here from the tensor's memory, and
  * results (the step gradient) are written to a tensor's memory: the Python side never reads a
@@ -20,6 +21,7 @@
  * these kernels share torch's thread pool.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -30,6 +32,9 @@ enum { KDQ_F32 = 0, KDQ_F64 = 1, KDQ_BF16 = 2 };
 
 /* below this many elements a kernel runs on the calling thread (a parallel region costs ~us) */
 #define KDQ_MIN_PARALLEL 32768
+/* elements summed in the compute type before a partial sum moves to double */
+#define KDQ_BLOCK 256
+#define KDQ_MAX_THREADS 1024
 
 static inline float bf16_to_f32(bf16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -94,25 +99,46 @@ static void store_scalar(void *p, int dtype, double v) {
             }                                                                                         \
             return;                                                                                   \
         }                                                                                             \
-        double acc = 0.0;                                                                             \
-        if (dx != NULL) {                                                                             \
-            _Pragma("omp parallel for simd num_threads(threads) if(n >= KDQ_MIN_PARALLEL) schedule(static) reduction(+:acc)") \
-            for (int64_t i = 0; i < n; ++i) {                                                         \
-                const C t = LOAD(x[i]) / s;                                                           \
-                const int inside = t >= lo && t <= hi;                                                \
-                const C local = inside ? RINT(t) - t : (t < lo ? lo : hi);                            \
-                dx[i] = inside ? dy[i] : (T)0;                                                        \
-                acc += (double)(LOAD(dy[i]) * local);                                                 \
+        /* blocks of KDQ_BLOCK elements summed in C (SIMD lanes), block sums in double per thread,     \
+         * thread sums added in thread order: deterministic for a given thread count */               \
+        const int64_t blocks = (n + KDQ_BLOCK - 1) / KDQ_BLOCK;                                       \
+        double partial[KDQ_MAX_THREADS];                                                              \
+        int used = 1;                                                                                 \
+        if (threads > KDQ_MAX_THREADS) threads = KDQ_MAX_THREADS;                                     \
+        _Pragma("omp parallel num_threads(threads) if(n >= KDQ_MIN_PARALLEL)")                        \
+        {                                                                                             \
+            double mine = 0.0;                                                                        \
+            _Pragma("omp for schedule(static)")                                                       \
+            for (int64_t b = 0; b < blocks; ++b) {                                                    \
+                const int64_t start = b * KDQ_BLOCK;                                                  \
+                const int64_t end = start + KDQ_BLOCK < n ? start + KDQ_BLOCK : n;                    \
+                C part = 0;                                                                           \
+                if (dx != NULL) {                                                                     \
+                    _Pragma("omp simd reduction(+:part)")                                             \
+                    for (int64_t i = start; i < end; ++i) {                                           \
+                        const C t = LOAD(x[i]) / s;                                                   \
+                        const int inside = t >= lo && t <= hi;                                        \
+                        const C local = inside ? RINT(t) - t : (t < lo ? lo : hi);                    \
+                        dx[i] = inside ? dy[i] : (T)0;                                                \
+                        part += LOAD(dy[i]) * local;                                                  \
+                    }                                                                                 \
+                } else {                                                                              \
+                    _Pragma("omp simd reduction(+:part)")                                             \
+                    for (int64_t i = start; i < end; ++i) {                                           \
+                        const C t = LOAD(x[i]) / s;                                                   \
+                        const int inside = t >= lo && t <= hi;                                        \
+                        const C local = inside ? RINT(t) - t : (t < lo ? lo : hi);                    \
+                        part += LOAD(dy[i]) * local;                                                  \
+                    }                                                                                 \
+                }                                                                                     \
+                mine += (double)part;                                                                 \
             }                                                                                         \
-        } else {                                                                                      \
-            _Pragma("omp parallel for simd num_threads(threads) if(n >= KDQ_MIN_PARALLEL) schedule(static) reduction(+:acc)") \
-            for (int64_t i = 0; i < n; ++i) {                                                         \
-                const C t = LOAD(x[i]) / s;                                                           \
-                const int inside = t >= lo && t <= hi;                                                \
-                const C local = inside ? RINT(t) - t : (t < lo ? lo : hi);                            \
-                acc += (double)(LOAD(dy[i]) * local);                                                 \
-            }                                                                                         \
+            partial[omp_get_thread_num()] = mine;                                                     \
+            _Pragma("omp single")                                                                     \
+            used = omp_get_num_threads();                                                             \
         }                                                                                             \
+        double acc = 0.0;                                                                             \
+        for (int k = 0; k < used; ++k) acc += partial[k];                                             \
         store_scalar(d_step, d_step_dtype, acc * grad_scale);                                         \
     }                                                                                                 \
                                                                                                       \
