@@ -26,6 +26,8 @@ from kdtoolkit.errors import CheckpointError, ConfigError
 from kdtoolkit.plugins import Registry, load_registry
 
 PLACEHOLDER_CLASSES = 10
+#: written beside pipeline.json: where the run read its data, and the versions it ran with
+ENVIRONMENT_FILE = "environment.json"
 
 
 class Pipeline:
@@ -51,6 +53,8 @@ class Pipeline:
         if problems:
             raise ConfigError(problems=problems)
         self._built = None
+        self._data_root: Path | None = None
+        self._recorded_data_root: str | None = None
 
     # -- construction --
     @classmethod
@@ -67,7 +71,14 @@ class Pipeline:
         path = Path(run_dir) / "pipeline.json"
         if not path.is_file():
             raise CheckpointError(f"{run_dir}: not a run directory (no pipeline.json)")
-        return cls(json.loads(path.read_text()), plugins=plugins)
+        pipe = cls(json.loads(path.read_text()), plugins=plugins)
+        environment = Path(run_dir) / ENVIRONMENT_FILE
+        if environment.is_file():
+            try:
+                pipe._recorded_data_root = json.loads(environment.read_text()).get("data_root")
+            except (ValueError, AttributeError):
+                pass  # a damaged record only loses the fallback data root
+        return pipe
 
     # -- properties --
     @property
@@ -106,7 +117,8 @@ class Pipeline:
             raise ConfigError(problems=[("run.precision", "fp16 needs CUDA; use bf16 on the CPU")])
         info = dist_info()
         torch.manual_seed(cfg.run.seed)
-        root = resolve_data_root(cfg.data.root)
+        root = resolve_data_root(cfg.data.root, recorded=self._recorded_data_root)
+        self._data_root = root
         splits = self.registry.get("dataset", cfg.data.name).factory(cfg.data.options, root=root, download=cfg.data.download)
         common = dict(mean=splits.mean, std=splits.std, device=device, channels_last=cfg.run.channels_last, num_workers=cfg.data.num_workers)
         n_train = len(splits.train)
@@ -144,8 +156,24 @@ class Pipeline:
                     "(or run.name) to start a new run"
                 )
             (run_dir / "pipeline.json").write_text(json.dumps(self.raw, indent=2) + "\n")
+            (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
         trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
         return trainer.fit(resume=resume)
+
+    def _environment(self) -> dict[str, Any]:
+        import platform
+
+        import kdtoolkit
+        from kdtoolkit.quant import native
+
+        return {
+            "data_root": None if self._data_root is None else str(self._data_root),
+            "kdtoolkit": kdtoolkit.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "native_quantizer_kernels": native.status(build=False)["available"],
+        }
 
     def evaluate(self, checkpoint: str | Path | None = None, *, stream=sys.stderr) -> dict[str, float]:
         """Accuracy of every evaluated model on the test split, with the weights of ``checkpoint``

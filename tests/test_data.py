@@ -190,6 +190,33 @@ def test_cifar_download_uses_torchvision_downloader(tmp_path, monkeypatch, cifar
     assert len(splits.train) == len(LocalCIFAR10(str(cifar10_root)).data) and len(splits.test) == 10
 
 
+def _write_svhn_mat(path: pathlib.Path, n: int, seed: int):
+    """A .mat file in SVHN's layout: X uint8 (32, 32, 3, N), y (N, 1) with labels 1..10 (10 = digit 0)."""
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+    scipy_io.savemat(path, {"X": x, "y": y})
+    return x, y
+
+
+def test_svhn_reads_mat_files(tmp_path):
+    """Images [N, C, H, W] from X's (H, W, C, N) layout, label 10 read as digit 0, extra appended."""
+    files = {name: _write_svhn_mat(tmp_path / f"{name}_32x32.mat", n, seed)
+             for (name, n, seed) in (("train", 40, 0), ("test", 12, 1), ("extra", 8, 2))}
+    splits = build_svhn(root=tmp_path, download=False)
+    x, y = files["train"]
+    assert splits.train.images.shape == (40, 3, 32, 32) and splits.train.images.dtype == torch.uint8
+    assert torch.equal(splits.train.images, torch.from_numpy(x).permute(3, 2, 0, 1))  # torchvision's (N, C, H, W)
+    labels = torch.from_numpy(y[:, 0].astype(np.int64))
+    assert torch.equal(splits.train.labels, torch.where(labels == 10, 0, labels))
+    assert splits.num_classes == 10 and len(splits.test) == 12
+    assert int(splits.train.labels.min()) >= 0 and int(splits.train.labels.max()) <= 9
+    with_extra = build_svhn(SVHNOptions(include_extra=True), root=tmp_path, download=False)
+    assert len(with_extra.train) == 48
+    assert torch.equal(with_extra.train.images[40:], torch.from_numpy(files["extra"][0]).permute(3, 2, 0, 1))
+
+
 def test_svhn_errors(tmp_path):
     import importlib.util
 

@@ -58,6 +58,30 @@ def test_eval_reproduces_logged_accuracy(teacher_run):
     assert metrics["test/student/top5"] == logged["test/student/top5"]
 
 
+def test_eval_finds_the_data_the_run_read_from_the_environment(cifar10_root, tmp_path, monkeypatch):
+    """A run that found its data through $KDTOOLKIT_DATA records the root; eval works without it."""
+    path = tmp_path / "p.toml"
+    text = tiny_pipeline(cifar10_root, tmp_path / "run", epochs=1)
+    text = text.replace(f'root = "{cifar10_root.as_posix()}"', "")
+    assert "root =" not in text
+    path.write_text(text)
+    monkeypatch.setenv("KDTOOLKIT_DATA", str(cifar10_root))
+    assert CliRunner().invoke(main, ["run", str(path)]).exit_code == 0
+    environment = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert environment["data_root"] == str(cifar10_root.resolve())
+    assert environment["torch"] == torch.__version__
+    logged = read_metrics(tmp_path / "run")[-1]
+    monkeypatch.delenv("KDTOOLKIT_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))  # the default root holds nothing
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["test/student/top1"] == logged["test/student/top1"]
+    # an explicit $KDTOOLKIT_DATA still wins over the recorded root
+    monkeypatch.setenv("KDTOOLKIT_DATA", str(tmp_path / "nowhere"))
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--json"])
+    assert result.exit_code != 0 and "nowhere" in result.output
+
+
 def test_kd_from_supervised_teacher(teacher_run, cifar10_root, tmp_path):
     extra = f"""
         [models.teacher]

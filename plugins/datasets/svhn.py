@@ -42,7 +42,7 @@ def _to_split(dataset: SVHN) -> TensorSplit:
 def load_svhn(options, *, root: pathlib.Path, download: bool) -> DatasetSplits:
     """``svhn`` as in-memory ``TensorSplit``s (see ``SVHNOptions``)."""
     if importlib.util.find_spec("scipy") is None:
-        raise ConfigError("svhn: reading SVHN's .mat files needs scipy; install it with `pip install scipy`")
+        raise ConfigError("svhn: reading SVHN's .mat files needs scipy; install it with `pip install scipy` (or `pip install kdtoolkit[svhn]`)")
     root = pathlib.Path(root)
     splits = ["train", "test"] + (["extra"] if options.include_extra else [])
     if not download:
