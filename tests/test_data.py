@@ -261,6 +261,39 @@ def test_imagefolder_streamed(tmp_path):
     assert images.shape == (4, 3, 8, 8) and labels.dtype == torch.int64
 
 
+def test_streamed_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    """A resumed run (a fresh loader set to epoch e) sees the batches of an uninterrupted one, with
+    any number of workers, and loading does not disturb the main process's generators."""
+    import random
+
+    write_imagefolder(tmp_path, size=12)
+    splits = build_imagefolder(ImageFolderOptions(image_size=8), root=tmp_path, download=False)
+
+    def epoch_batches(epoch: int, workers: int, shuffle: bool = True):
+        loader = make_loader(splits.train, batch_size=3, augment=True, mean=splits.mean, std=splits.std,
+                             seed=7, num_workers=workers, shuffle=shuffle)
+        loader.set_epoch(epoch)
+        return [(x.clone(), y.clone()) for x, y in loader]
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+
+    torch.manual_seed(123)
+    random.seed(123)
+    first = epoch_batches(2, workers=0)
+    after = (torch.rand(3), random.random())
+    torch.manual_seed(123)
+    random.seed(123)
+    assert torch.equal(after[0], torch.rand(3)) and after[1] == random.random()  # main generators untouched
+    assert same(first, epoch_batches(2, workers=0))  # "resumed" at epoch 2
+    assert same(first, epoch_batches(2, workers=2))  # worker processes draw the same transforms
+    assert not same(first, epoch_batches(3, workers=0))
+    # in a fixed order, another epoch gives the same labels but other crops and flips
+    e2, e3 = epoch_batches(2, workers=0, shuffle=False), epoch_batches(3, workers=0, shuffle=False)
+    assert all(torch.equal(y, v) for (_, y), (_, v) in zip(e2, e3))
+    assert not all(torch.equal(x, u) for (x, _), (u, _) in zip(e2, e3))
+
+
 def test_imagefolder_in_memory_exact_pixels(tmp_path):
     arrays = write_imagefolder(tmp_path, size=8)
     options = ImageFolderOptions(image_size=8, in_memory=True, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

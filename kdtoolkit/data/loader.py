@@ -202,14 +202,60 @@ class InMemoryLoader:
         )
 
 
+class _EpochTagged:
+    """Wraps a sampler so that each index reaches the dataset as ``(epoch, index)``: workers are
+    separate processes (persistent ones keep an old copy of the dataset), so the epoch has to
+    travel with the index."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, int(i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _SeededSample(Dataset):
+    """``dataset[index]`` with torch's and Python's global generators seeded from
+    ``(seed, epoch, index)`` for the call, then restored: the random transforms of a sample are a
+    pure function of those three, whichever worker (or the main process) loads it."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, tagged: tuple[int, int]):
+        import random
+
+        epoch, index = tagged
+        torch_state, python_state = torch.get_rng_state(), random.getstate()
+        sample_seed = epoch_seed(self.seed, epoch, index)
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(python_state)
+
+
 class StreamLoader:
     """A ``DataLoader`` over a streamed ``Dataset`` that yields batches like ``InMemoryLoader``.
 
     Batches are moved to ``device`` (``non_blocking``; ``pin_memory`` is set on CUDA), converted to
     ``channels_last``/``dtype`` as asked; ``set_epoch`` forwards to the sampler. The dataset's own
-    transforms do the augmentation, in worker processes: the *order* of an epoch is reproducible
-    through the sampler, the random transforms only for a fresh run (workers are seeded once from
-    ``seed``; with ``num_workers = 0`` they draw from torch's global generator).
+    transforms do the augmentation, in worker processes. Reproducibility: the order of epoch ``e``
+    comes from the sampler, and sample ``i`` of epoch ``e`` is loaded with torch's and Python's
+    global generators seeded from ``epoch_seed(seed, e, i)`` (restored afterwards), so a resumed
+    run sees the batches of an uninterrupted one, for any ``num_workers``. (Transforms that draw
+    from other generators, e.g. numpy's, are not covered.)
     """
 
     def __init__(
@@ -230,10 +276,11 @@ class StreamLoader:
         self.channels_last = channels_last
         self.dtype = dtype
         self.epoch = 0
+        self._tagged = _EpochTagged(sampler)
         self.dataloader = DataLoader(
-            dataset,
+            _SeededSample(dataset, seed),
             batch_size=batch_size,
-            sampler=sampler,
+            sampler=self._tagged,
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
@@ -242,7 +289,7 @@ class StreamLoader:
         )
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = self._tagged.epoch = epoch
         set_epoch = getattr(self.sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
