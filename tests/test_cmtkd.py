@@ -436,21 +436,19 @@ def test_cmtkd_evaluate_reproduces_the_logged_accuracy(tmp_path, cifar10_root):
         assert metrics[key] == result["last"][key], key
 
 
-def test_example_pipelines_with_declared_stages_split():
-    """The examples that declare stages (torchvision AlexNet on ImageNet) split at those paths once
-    quantized (``kdtoolkit validate`` builds the models but not the method, so it cannot see this)."""
+def test_imagenet_alexnet_examples_are_natively_staged():
+    """The ImageNet AlexNet CMT-KD examples use alexnet_bn (geometry = "imagenet"), staged natively: no
+    declared stages, and the quantized student splits at pool2 / relu4 / pool5 (``kdtoolkit validate``
+    builds the models but not the method, so it cannot see this)."""
     from kdtoolkit.engine.build import build_model
-    from kdtoolkit.staging import as_staged
+    from kdtoolkit.models import StagedModel
 
     examples = Path(__file__).resolve().parents[1] / "examples" / "cmtkd"
-    checked = 0
-    for path in sorted(examples.glob("*.toml")):
-        if "stages = [" not in path.read_text():
-            continue
+    paths = sorted(examples.glob("imagenet_alexnet_cmtkd_*.toml"))
+    assert len(paths) == 3
+    for path in paths:
+        assert "stages = [" not in path.read_text()
         pipe = Pipeline.from_toml(path, plugins=cmtkd_plugins())
         torch.manual_seed(0)
         student = build_model(pipe.config, pipe.registry, "student", 10)
-        as_staged(student, pipe.config.method.options.stages, name="student")
-        assert len(student.stage_paths) == 3
-        checked += 1
-    assert checked >= 3
+        assert isinstance(student, StagedModel) and student.stage_paths == ("pool2", "relu4", "pool5")

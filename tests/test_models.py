@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdtoolkit_plugins.models as model_plugin
+from kdtoolkit import Pipeline
+from kdtoolkit.errors import ConfigError
 from kdtoolkit.models import StagedModel, run_stages
 from kdtoolkit.plugins import get_plugin_manager, collect
 from kdtoolkit_plugins.models import (
@@ -166,6 +168,7 @@ def test_wrn_depth_must_be_6n_plus_4(depth):
         lambda: WRNOptions(dropout=1.0),
         lambda: CifarResNetOptions(depth=50),
         lambda: AlexNetOptions(fc_width=0),
+        lambda: AlexNetOptions(geometry="imagenet64"),
     ],
 )
 def test_bad_options(make):
@@ -204,12 +207,15 @@ def _randomize_bn(model: nn.Module, generator: torch.Generator) -> None:
 
 @pytest.mark.parametrize("name", sorted(STAGED))
 def test_staged_models_honour_protocol(name):
+    _check_staged_protocol(name, STAGED[name], torch.randn(2, 3, 32, 32))
+
+
+def _check_staged_protocol(name, make, x):
     torch.manual_seed(0)
-    model = STAGED[name]()
+    model = make()
     _randomize_bn(model, torch.Generator().manual_seed(1))
     model.eval()
     assert isinstance(model, StagedModel)
-    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         logits = model(x)
         assert torch.equal(logits, run_stages(model, x))
@@ -279,6 +285,106 @@ def test_alexnet_larger_inputs():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     assert isinstance(model.drop6, nn.Dropout)
     assert isinstance(model.bn6, nn.BatchNorm1d) and model.fc6.bias is None
+
+
+# ---- AlexNet-BN geometries ---------------------------------------------------------------------
+
+
+def _imagenet_alexnet(fc_width=64, num_classes=1000):
+    return build_alexnet_bn(AlexNetOptions(fc_width=fc_width, geometry="imagenet"), num_classes=num_classes)
+
+
+@pytest.mark.parametrize("size", [224, 227])
+def test_alexnet_imagenet_geometry_shapes(size):
+    model = _imagenet_alexnet().eval()
+    assert model.stage_paths == ("pool2", "relu4", "pool5")
+    x = torch.randn(2, 3, size, size)
+    shapes = [(256, 13, 13), (384, 13, 13), (256, 6, 6), (1000,)]
+    h = x
+    with torch.no_grad():
+        for k, shape in enumerate(shapes):
+            h = model.forward_stage(k, h)
+            assert tuple(h.shape) == (2, *shape), (size, k)
+        assert model(x).shape == (2, 1000)
+        # conv1 (padding 2) gives 55 (224) or 56 (227); both pool to 27, and pool5 is already 6x6
+        conv1 = model.conv1(x).shape[-1]
+        assert conv1 == {224: 55, 227: 56}[size]
+        assert model.pool1(model.conv1(x)).shape[-1] == 27
+
+
+def test_alexnet_imagenet_geometry_honours_protocol():
+    _check_staged_protocol("alexnet_bn-imagenet", _imagenet_alexnet, torch.randn(2, 3, 227, 227))
+
+
+def test_alexnet_imagenet_layout_and_param_count():
+    model = _imagenet_alexnet(fc_width=64, num_classes=1000)
+    assert (model.conv1.kernel_size, model.conv1.stride, model.conv1.padding) == ((11, 11), (4, 4), (2, 2))
+    assert [model.get_submodule(f"conv{i}").out_channels for i in range(1, 6)] == [96, 256, 384, 384, 256]
+    assert [(m.kernel_size, m.stride, m.padding) for m in (model.pool1, model.pool2, model.pool5)] == [(3, 2, 0)] * 3
+    assert model.avgpool.output_size == 6 and model.fc6.in_features == 256 * 6 * 6
+    # the Caffe AlexNet without channel groups, bias-free layers followed by BN (2 parameters per channel)
+    convs = 96 * 3 * 11 * 11 + 256 * 96 * 5 * 5 + 384 * 256 * 9 + 384 * 384 * 9 + 256 * 384 * 9
+    fcs = 256 * 36 * 64 + 64 * 64 + 64 * 1000 + 1000
+    bns = 2 * (96 + 256 + 384 + 384 + 256 + 64 + 64)
+    assert n_params(model) == convs + fcs + bns
+
+
+@pytest.mark.parametrize("geometry", ["cifar", "imagenet"])
+def test_alexnet_bn_after_every_conv_and_hidden_fc(geometry):
+    model = build_alexnet_bn(AlexNetOptions(fc_width=32, geometry=geometry), num_classes=10)
+    children = list(model.named_children())
+    names = [n for n, _ in children]
+    convs = [(i, m) for i, (n, m) in enumerate(children) if isinstance(m, nn.Conv2d)]
+    linears = [(i, m) for i, (n, m) in enumerate(children) if isinstance(m, nn.Linear)]
+    assert len(convs) == 5 and len(linears) == 3
+    for i, conv in convs:
+        bn = children[i + 1][1]
+        assert isinstance(bn, nn.BatchNorm2d) and bn.num_features == conv.out_channels and conv.bias is None
+        assert isinstance(children[i + 2][1], nn.ReLU)
+    for i, fc in linears[:2]:
+        bn = children[i + 1][1]
+        assert isinstance(bn, nn.BatchNorm1d) and bn.num_features == fc.out_features and fc.bias is None
+        assert isinstance(children[i + 2][1], nn.ReLU)
+    assert names[-1] == "fc8" and model.fc8.bias is not None  # the logits: no BN
+    assert names == [n for n, _ in build_alexnet_bn(num_classes=10).named_children()]  # same names in both
+
+
+def test_alexnet_cifar_default_unchanged():
+    assert AlexNetOptions().geometry == "cifar"
+    torch.manual_seed(0)
+    default = build_alexnet_bn(AlexNetOptions(fc_width=32), num_classes=10)
+    torch.manual_seed(0)
+    explicit = build_alexnet_bn(AlexNetOptions(fc_width=32, geometry="cifar"), num_classes=10)
+    assert default.geometry == "cifar"
+    a, b = default.state_dict(), explicit.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the 32x32 layout: 5x5 stride-1 stem, padded 3/2 max pools, 4x4 before fc6
+    assert (default.conv1.kernel_size, default.conv1.stride, default.conv1.padding) == ((5, 5), (1, 1), (2, 2))
+    assert [(m.kernel_size, m.stride, m.padding) for m in (default.pool1, default.pool2, default.pool5)] == [(3, 2, 1)] * 3
+    assert default.avgpool.output_size == 4
+    assert {k: tuple(v.shape) for k, v in a.items() if k.startswith(("conv", "fc"))} == {
+        "conv1.weight": (96, 3, 5, 5), "conv2.weight": (256, 96, 5, 5), "conv3.weight": (384, 256, 3, 3),
+        "conv4.weight": (384, 384, 3, 3), "conv5.weight": (256, 384, 3, 3), "fc6.weight": (32, 4096),
+        "fc7.weight": (32, 32), "fc8.weight": (10, 32), "fc8.bias": (10,),
+    }
+
+
+def test_alexnet_bad_geometry_is_a_config_error_naming_the_key():
+    raw = {
+        "schema_version": 1,
+        "run": {"name": "t", "epochs": 1},
+        "data": {"name": "cifar10"},
+        "models": {"student": {"name": "alexnet_bn", "geometry": "imagenet224"}},
+        "losses": [{"name": "ce"}],
+    }
+    with pytest.raises(ConfigError) as info:
+        Pipeline.from_dict(raw)
+    problems = dict(info.value.problems)
+    assert "models.student.geometry" in problems, problems
+    message = problems["models.student.geometry"]
+    assert "'cifar'" in message and "'imagenet'" in message and "imagenet224" in message
+    raw["models"]["student"]["geometry"] = "imagenet"
+    assert Pipeline.from_dict(raw).config.models["student"].options.geometry == "imagenet"
 
 
 def test_torchvision_other_arch_not_staged():

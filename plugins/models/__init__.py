@@ -41,10 +41,12 @@ class CifarResNetOptions:
 
 @attrs.frozen
 class AlexNetOptions:
-    """``alexnet_bn``: width of the two hidden FC layers and their dropout (0 = none; BN follows each)."""
+    """``alexnet_bn``: width of the two hidden FC layers and their dropout (0 = none; BN follows each);
+    ``geometry`` "cifar" (5x5 stem, 32x32 inputs) or "imagenet" (Caffe/HWGQ 11x11 stride-4 stem, 224/227)."""
 
     fc_width: int = attrs.field(default=4096, validator=positive)
     dropout: float = attrs.field(default=0.0, validator=_dropout)
+    geometry: str = attrs.field(default="cifar", validator=one_of(("cifar", "imagenet")))
 
 
 def _check_arch(instance, attribute, value):
@@ -82,7 +84,8 @@ def build_alexnet_bn(options: AlexNetOptions | None = None, *, num_classes: int)
     from kdtoolkit_plugins.models.alexnet import AlexNetBN
 
     options = options or AlexNetOptions()
-    return AlexNetBN(num_classes=num_classes, fc_width=options.fc_width, dropout=options.dropout)
+    return AlexNetBN(num_classes=num_classes, fc_width=options.fc_width, dropout=options.dropout,
+                     geometry=options.geometry)
 
 
 def build_torchvision(options: TorchvisionOptions | None = None, *, num_classes: int):
@@ -99,6 +102,7 @@ def register_models(register):
     register("resnet18_cifar", build_resnet_cifar, options=CifarResNetOptions,
              description="ResNet-18/34 with a 3x3 stem, no max-pool (He et al., CVPR 2016); staged")
     register("alexnet_bn", build_alexnet_bn, options=AlexNetOptions,
-             description="AlexNet with BN after every conv and hidden FC, for 32x32 inputs (CMT-KD); staged")
+             description="AlexNet with BN after every conv and hidden FC (HWGQ, CMT-KD); geometry "
+                         "'cifar' (32x32) or 'imagenet' (224/227); staged")
     register("torchvision", build_torchvision, options=TorchvisionOptions,
              description="any torchvision classifier by arch name; ResNets staged")
