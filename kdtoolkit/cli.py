@@ -71,7 +71,8 @@ def validate(pipeline, overrides):
     """Check PIPELINE without training: every problem, with its key path."""
     pipe = _load(pipeline, overrides)
     pipe.validate()
-    click.echo(f"{pipeline}: ok ({len(pipe.config.models)} models, method {pipe.config.method.name!r})")
+    n = len(pipe.config.models)
+    click.echo(f"{pipeline}: ok ({n} model{'s' if n != 1 else ''}, method {pipe.config.method.name!r})")
 
 
 @main.command()

@@ -43,6 +43,26 @@ def test_quickstart_pipelines_run(cifar10_root, tmp_path):
     assert {"train/loss/ce", "train/loss/kd", "test/student/top1", "test/teacher/top1"} <= set(result["last"])
 
 
+@pytest.mark.slow
+def test_quickstart_qat_warm_starts_trains_and_exports(cifar10_root, tmp_path):
+    """quickstart.toml, then quickstart_qat.toml warm-started from it, then `kdtoolkit export`."""
+    from kdtoolkit.export import load_model
+
+    ex = Path(__file__).resolve().parents[1] / "examples"
+    float_run = shrink(tomllib.loads((ex / "quickstart.toml").read_text()), cifar10_root, tmp_path / "float")
+    Pipeline.from_dict(float_run).fit()
+    qat = shrink(tomllib.loads((ex / "quickstart_qat.toml").read_text()), cifar10_root, tmp_path / "qat")
+    assert qat["models"]["student"]["checkpoint"] == "runs/quickstart"
+    qat["models"]["student"]["checkpoint"] = str(tmp_path / "float")
+    result = Pipeline.from_dict(qat).fit()
+    assert 0 <= result["last"]["test/student/top1"] <= 100
+    out = tmp_path / "w2a2.safetensors"
+    exported = CliRunner().invoke(main, ["export", str(tmp_path / "qat"), "--out", str(out)])
+    assert exported.exit_code == 0, exported.output
+    model = load_model(out)
+    assert sum(1 for m in model.modules() if getattr(m, "weight_bits", 32) == 2) >= 10
+
+
 BASELINES = [
     "baselines/cifar10_wrn16_1_at.toml",
     "baselines/cifar10_wrn16_1_fitnet.toml",
