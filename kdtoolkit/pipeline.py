@@ -166,13 +166,15 @@ class Pipeline:
         import kdtoolkit
         from kdtoolkit.quant import native
 
+        quantized = any(model.quantizer is not None for model in self.config.models.values())
         return {
             "data_root": None if self._data_root is None else str(self._data_root),
             "kdtoolkit": kdtoolkit.__version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
-            "native_quantizer_kernels": native.status(build=False)["available"],
+            # on the CPU the quantizers use them when available; None: no quantized model
+            "native_quantizer_kernels": native.status()["available"] if quantized else None,
         }
 
     def evaluate(self, checkpoint: str | Path | None = None, *, stream=sys.stderr) -> dict[str, float]:

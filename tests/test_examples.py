@@ -56,6 +56,13 @@ def test_quickstart_qat_warm_starts_trains_and_exports(cifar10_root, tmp_path):
     qat["models"]["student"]["checkpoint"] = str(tmp_path / "float")
     result = Pipeline.from_dict(qat).fit()
     assert 0 <= result["last"]["test/student/top1"] <= 100
+    import json
+
+    from kdtoolkit.quant import native
+
+    environment = json.loads((tmp_path / "qat" / "environment.json").read_text())
+    assert environment["native_quantizer_kernels"] == native.status()["available"]
+    assert json.loads((tmp_path / "float" / "environment.json").read_text())["native_quantizer_kernels"] is None
     out = tmp_path / "w2a2.safetensors"
     exported = CliRunner().invoke(main, ["export", str(tmp_path / "qat"), "--out", str(out)])
     assert exported.exit_code == 0, exported.output
