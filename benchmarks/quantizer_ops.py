@@ -17,6 +17,7 @@ import time
 import torch
 
 from benchmarks._common import emit, parser
+from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.quant import native
 from kdtoolkit_plugins.quantizers.hwgq import HWGQActQuantizer
 from kdtoolkit_plugins.quantizers.lsq import LSQActQuantizer
@@ -65,7 +66,11 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=20, help="calls per round")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (best taken)")
+    p.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
+                   help="glibc malloc policy, as [run] host_memory (the engine's default: reuse)")
     args = p.parse_args(argv)
+    if args.host_memory == "reuse":
+        reuse_freed_memory()
     kernels = native.status()
     if not kernels["available"]:
         raise SystemExit(f"native kernels unavailable: {kernels['reason']}")

@@ -156,14 +156,16 @@ class Pipeline:
                     "(or run.name) to start a new run"
                 )
             (run_dir / "pipeline.json").write_text(json.dumps(self.raw, indent=2) + "\n")
-            (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
         trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
+        if info.is_main:
+            (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
         return trainer.fit(resume=resume)
 
     def _environment(self) -> dict[str, Any]:
         import platform
 
         import kdtoolkit
+        from kdtoolkit.engine.memory import applied
         from kdtoolkit.quant import native
 
         quantized = any(model.quantizer is not None for model in self.config.models.values())
@@ -173,6 +175,7 @@ class Pipeline:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "host_memory": applied() or "unchanged",
             # on the CPU the quantizers use them when available; None: no quantized model
             "native_quantizer_kernels": native.status()["available"] if quantized else None,
         }

@@ -140,6 +140,8 @@ class RunConfig:
     progress: Literal["auto", "on", "off"] = "auto"
     metrics_format: Literal["jsonl", "csv"] = "jsonl"
     best_metric: Optional[str] = None  # e.g. "test/student/top1"; default: the student's top-1
+    #: "reuse": glibc malloc keeps freed tensor memory (no page faults per step; kdtoolkit.engine.memory)
+    host_memory: Literal["reuse", "system"] = "reuse"
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ import torch
 from kdtoolkit.engine.build import Built, best_metric, build_optimizer
 from kdtoolkit.engine.checkpoint import Checkpoint, atomic_write, save_checkpoint
 from kdtoolkit.engine.distributed import DistInfo
+from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.engine.output import MetricsWriter, ProgressBar, progress_enabled
 from kdtoolkit.errors import CheckpointError
 from kdtoolkit.methods import Progress
@@ -84,6 +85,8 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, self.cfg.run.metrics_format)
         self.best_metric = best_metric(self.cfg)
         self.show = progress_enabled(self.cfg.run.progress, stream) and dist.is_main
+        if self.cfg.run.host_memory == "reuse":
+            reuse_freed_memory()  # process-wide, once: no page faults for each step's tensors
 
     @property
     def last_path(self) -> Path:
