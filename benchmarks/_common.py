@@ -41,3 +41,16 @@ def emit(figures: dict, table: list[tuple], headers: tuple, as_json: bool, notes
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
     for n in notes:
         print(n)
+
+
+def add_host_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
+                   help="glibc malloc policy, as [run] host_memory (the engine's default: reuse)")
+
+
+def apply_host_memory(args) -> None:
+    """What the Trainer does for ``host_memory = "reuse"``, for benchmarks that do not build one."""
+    if args.host_memory == "reuse":
+        from kdtoolkit.engine.memory import reuse_freed_memory
+
+        reuse_freed_memory()

@@ -23,8 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import emit, median, parser
-from kdtoolkit.engine.memory import reuse_freed_memory
+from benchmarks._common import add_host_memory_option, apply_host_memory, emit, median, parser
 from kdtoolkit.quant import native, quantize_model
 
 VARIANTS = ("float", "hwgq", "lsq")
@@ -110,11 +109,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time the three variants under torch.compile")
     p.add_argument("--aten", action="store_true",
                    help="also time HWGQ and LSQ with the fused native kernels turned off (their ATen path)")
-    p.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
-                   help="glibc malloc policy, as [run] host_memory (the engine's default: reuse)")
+    add_host_memory_option(p)
     args = p.parse_args(argv)
-    if args.host_memory == "reuse":
-        reuse_freed_memory()
+    apply_host_memory(args)
     variants = VARIANTS + (("hwgq/aten", "lsq/aten") if args.aten else ())
     variants += tuple(f"{v}+compile" for v in VARIANTS) if args.compile else ()
     kernels = native.status()

@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from benchmarks._common import emit, parser
-from kdtoolkit.engine.memory import reuse_freed_memory
+from benchmarks._common import add_host_memory_option, apply_host_memory, emit, parser
 from kdtoolkit.quant import native
 from kdtoolkit_plugins.quantizers.hwgq import HWGQActQuantizer
 from kdtoolkit_plugins.quantizers.lsq import LSQActQuantizer
@@ -66,11 +65,9 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=20, help="calls per round")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (best taken)")
-    p.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
-                   help="glibc malloc policy, as [run] host_memory (the engine's default: reuse)")
+    add_host_memory_option(p)
     args = p.parse_args(argv)
-    if args.host_memory == "reuse":
-        reuse_freed_memory()
+    apply_host_memory(args)
     kernels = native.status()
     if not kernels["available"]:
         raise SystemExit(f"native kernels unavailable: {kernels['reason']}")

@@ -13,6 +13,7 @@ batches an uninterrupted run sees, on any device.
 
 from __future__ import annotations
 
+import random
 from typing import Iterator, Protocol, Sequence
 
 import torch
@@ -232,8 +233,6 @@ class _SeededSample(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, tagged: tuple[int, int]):
-        import random
-
         epoch, index = tagged
         torch_state, python_state = torch.get_rng_state(), random.getstate()
         sample_seed = epoch_seed(self.seed, epoch, index)

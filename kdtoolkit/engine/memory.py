@@ -4,8 +4,9 @@ A CPU training step allocates and frees the same activation-sized tensors every 
 malloc serves blocks above ``M_MMAP_THRESHOLD`` (dynamic, at most 32 MiB by default) with fresh
 ``mmap`` pages and returns freed heap memory above ``M_TRIM_THRESHOLD`` to the kernel, so every step
 page-faults its tensors in again, the kernel zeroing each page first. Measured on WRN-16-1, batch
-128, 2 cores: 2,000-6,000 page faults and 5-12 ms of system time per step, against about 0-250
-faults and under 1 ms with both thresholds raised (``benchmarks/RESULTS.md``).
+128, 2 cores (``python -m benchmarks.host_memory``, ``benchmarks/RESULTS.md``): 2,600-4,700 page
+faults and 7-12 ms of kernel time per step by default, about 100 faults and 0.5 ms with both
+thresholds raised.
 
 :func:`reuse_freed_memory` raises both thresholds once per process (``[run] host_memory = "reuse"``,
 the default). The cost: the process keeps its peak heap instead of shrinking between steps, which a

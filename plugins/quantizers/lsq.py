@@ -27,7 +27,7 @@ before wrapping, or every rank keeps its own first-batch step.)
 
 **Speed.** On the CPU, per-tensor steps run the fused kernels of :mod:`kdtoolkit.quant.native`:
 the forward is one pass, the backward one pass giving the input gradient and the step gradient
-together (accumulated in float64). Elsewhere (CUDA, per-channel steps, non-dense tensors, no C
+together (float block sums, then float64). Elsewhere (CUDA, per-channel steps, non-dense tensors, no C
 compiler) the ATen chain: forward ``div, clamp_, round_, mul_`` (one new tensor, the output);
 backward ``t = x/s`` into a temporary, the in-range gradient written over it in one fused kernel
 (``hardtanh_backward``), and the step gradient from two fused reductions without temporaries,
@@ -101,7 +101,7 @@ class _LSQFunction(torch.autograd.Function):
         if ctx.compiled:  # plain math: torch.compile fuses it
             ctx.save_for_backward(x, step)
             return torch.round(torch.clamp(x / s, -q_n, q_p)) * s
-        ctx.native = step.dim() == 0 and native.supports(x, step)
+        ctx.native = native.supports(x, step)  # per-tensor steps only (a 1-dim step is refused)
         if ctx.native:  # one fused pass (kdtoolkit.quant.native)
             ctx.save_for_backward(x, step)
             return native.lsq_forward(x, step, q_n, q_p)

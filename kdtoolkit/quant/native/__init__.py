@@ -167,11 +167,8 @@ def library() -> ctypes.CDLL | None:
         return _state["lib"]
 
 
-def status(*, build: bool = True) -> dict:
-    """``{"available": bool, "reason": str}``; builds the kernels if not tried yet, unless ``build``
-    is false (then ``available`` is None until a quantizer has asked for them)."""
-    if not build and not _state["tried"]:
-        return {"available": None, "reason": "not used in this process"}
+def status() -> dict:
+    """``{"available": bool, "reason": str}`` (builds the kernels if not tried yet)."""
     try:
         lib = library()
     except NativeBuildError:
