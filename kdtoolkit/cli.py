@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -16,6 +18,10 @@ from kdtoolkit.errors import KDToolkitError
 
 
 def user_errors(fn):
+    """The CLI's error boundary: anticipated failures (``KDToolkitError``, file system, plugin hooks,
+    out of memory, undecodable or too deeply nested input) print one line each and exit 2; anything
+    else is a bug: one line saying so (exit 1), the traceback only with ``kdtoolkit --debug``."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -27,14 +33,45 @@ def user_errors(fn):
         except KeyboardInterrupt:
             click.echo("interrupted; the last epoch's checkpoint is kept: continue with --resume", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: classify, never a bare traceback
+            from kdtoolkit.boundary import describe
+
+            line = describe(exc)
+            if line is not None:
+                click.echo(f"error: {line}", err=True)
+                if _debug():
+                    traceback.print_exc()
+                sys.exit(2)
+            click.echo(f"error: internal error (a bug in kdtoolkit or a plugin): {type(exc).__name__}: {_one_line(exc)}", err=True)
+            if _debug():
+                traceback.print_exc()
+            else:
+                click.echo("error: run `kdtoolkit --debug ...` for the traceback, and report it", err=True)
+            sys.exit(1)
 
     return wrapper
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and (root.obj or {}).get("debug")) or os.environ.get("KDTOOLKIT_DEBUG") == "1"
+
+
 @click.group()
 @click.version_option(package_name="kdtoolkit")
-def main():
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
+@click.pass_context
+def main(ctx, debug):
     """Knowledge distillation and quantization-aware training from pipeline files."""
+    ctx.obj = {"debug": debug}
 
 
 def _load(path, overrides, device=None):
@@ -151,7 +188,7 @@ def export(run_dir, out, model_name, checkpoint):
 @user_errors
 def plot_fusion(run_dir, out):
     """Plot CMT-KD importance weights per teacher over training, one panel per fusion stage."""
-    from kdtoolkit.engine.output import MetricsWriter
+    from kdtoolkit.engine.metrics import MetricsWriter
     from kdtoolkit.errors import CheckpointError
     from kdtoolkit.plotting import plot_fusion_weights
 

@@ -43,3 +43,11 @@ def join_path(prefix: str, path: str) -> str:
     if not path:
         return prefix
     return prefix + (path if path.startswith("[") else "." + path)
+
+
+class DataError(KDToolkitError):
+    """A data file is missing, damaged or unsafe to read."""
+
+
+class NonFiniteError(KDToolkitError):
+    """Training produced a NaN or infinite loss or weight (``run.on_nonfinite``)."""

@@ -83,7 +83,7 @@ class Pipeline:
     # -- properties --
     @property
     def run_dir(self) -> Path:
-        return Path(self.config.run.output_dir.format(name=self.config.run.name))
+        return render_run_dir(self.config.run.output_dir, self.config.run.name)
 
     def validate(self) -> None:
         """Deeper checks that need built models (feature paths); raises ``ConfigError``."""
@@ -141,25 +141,29 @@ class Pipeline:
     # -- running --
     def fit(self, *, resume: bool = False, stream=sys.stderr) -> dict[str, Any]:
         """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch."""
+        from kdtoolkit.engine.checkpoint import atomic_write
         from kdtoolkit.engine.distributed import dist_info
         from kdtoolkit.engine.trainer import Trainer
 
-        built = self.build()
-        _, train_loader, test_loader = built.data
         run_dir = self.run_dir
         info = dist_info()
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resume and (run_dir / "checkpoints" / "last.safetensors").exists():
-                raise CheckpointError(
-                    f"{run_dir} already holds a checkpoint: continue it with --resume, or set run.output_dir "
-                    "(or run.name) to start a new run"
-                )
-            (run_dir / "pipeline.json").write_text(json.dumps(self.raw, indent=2) + "\n")
-        trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
+            check_run_dir(run_dir, resume=resume)
+        built = self.build()
+        _, train_loader, test_loader = built.data
         if info.is_main:
-            (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
-        return trainer.fit(resume=resume)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(problems=[("run.output_dir", f"cannot create {run_dir}: {exc.strerror or exc}")]) from None
+        trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
+
+        def write_records() -> None:  # after a resume was accepted: a rejected one leaves them as they were
+            if info.is_main:
+                atomic_write(run_dir / "pipeline.json", lambda tmp: Path(tmp).write_text(json.dumps(self.raw, indent=2) + "\n"))
+                atomic_write(run_dir / ENVIRONMENT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(self._environment(), indent=2) + "\n"))
+
+        return trainer.fit(resume=resume, on_start=write_records)
 
     def _environment(self) -> dict[str, Any]:
         import platform
@@ -193,3 +197,32 @@ class Pipeline:
             built.module.load_state_dict(Checkpoint(path).module_state)
         _, _, test_loader = built.data
         return evaluate(built, test_loader, precision=self.config.run.precision, progress=progress_enabled(self.config.run.progress, stream))
+
+
+#: what makes a directory a run that only ``--resume`` may continue
+RUN_CONTENT = ("checkpoints/last.safetensors", "checkpoints/best.safetensors", "metrics.jsonl", "metrics.csv")
+
+
+def render_run_dir(output_dir: str, name: str) -> Path:
+    """``run.output_dir`` with ``{name}`` filled in; ``ConfigError`` for any other placeholder."""
+    try:
+        return Path(output_dir.format(name=name))
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ConfigError(problems=[("run.output_dir", f"{output_dir!r}: only the placeholder {{name}} is allowed ({type(exc).__name__}: {exc})")]) from None
+
+
+def check_run_dir(run_dir: Path, *, resume: bool) -> None:
+    """Before anything is built or written: the run directory can be used (``CheckpointError``,
+    ``ConfigError``). A directory holding any checkpoint or metrics is only continued with ``resume``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(problems=[("run.output_dir", f"{run_dir} exists and is not a directory")])
+    if resume:
+        if not (run_dir / "checkpoints" / "last.safetensors").is_file():
+            raise CheckpointError(f"--resume: {run_dir / 'checkpoints' / 'last.safetensors'} does not exist; start the run without --resume")
+        return
+    found = [rel for rel in RUN_CONTENT if (run_dir / rel).exists()]
+    if found:
+        raise CheckpointError(
+            f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume, or set run.output_dir "
+            "(or run.name) to start a new run"
+        )

@@ -17,6 +17,8 @@ from kdtoolkit.config.validators import FieldError, non_negative, positive
 def _sorted_epochs(inst, attribute, value):
     if list(value) != sorted(value):
         raise FieldError(attribute.name, f"must be in increasing order, got {list(value)}")
+    if any(v < 0 for v in value):
+        raise FieldError(attribute.name, f"epochs must be >= 0, got {list(value)}")
 
 
 @attrs.frozen

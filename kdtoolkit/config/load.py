@@ -327,22 +327,60 @@ def _component_unstructure(conv: cattrs.Converter, cls: type):
 # --- entry points --------------------------------------------------------------------------------
 
 
+#: tables and arrays nested deeper than this are refused (the reader and deep copies recurse)
+MAX_DEPTH = 64
+#: an override value that is not TOML is taken as a string only when it is one bare word like these
+_BARE_WORD = re.compile(r"[A-Za-z0-9_./:+@~-]+")
+_KEY_PART = re.compile(r"[A-Za-z0-9_-]+|\[\d+\]")
+
+
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a pipeline file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        return tomllib.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at line {line})") from None
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read") from None
+    deep = _too_deep(raw)
+    if deep is not None:
+        raise ConfigError(f"{path}: {deep or 'the file'} is nested more than {MAX_DEPTH} levels deep")
+    return raw
+
+
+def _too_deep(value: Any) -> str | None:
+    """The key path of the first table or array nested deeper than ``MAX_DEPTH`` (iteratively)."""
+    stack = [(value, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return path
+        if isinstance(node, dict):
+            stack.extend((v, join_path(path, _key(k)), depth + 1) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
+    return None
 
 
 def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
-    """Apply ``key.path=value`` strings (``--set``); values are parsed as TOML, else kept as strings."""
+    """Apply ``key.path=value`` strings (``--set``); values are TOML (a bare word such as
+    ``cifar100`` or ``runs/x`` counts as a string); anything else is an error."""
+    deep = _too_deep(raw)
+    if deep is not None:
+        raise ConfigError(problems=[(deep, f"nested more than {MAX_DEPTH} levels deep")])
     raw = copy.deepcopy(raw)
     problems = []
     for item in overrides:
@@ -351,10 +389,23 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
             continue
         key, text = item.split("=", 1)
         key = key.strip()
+        parts = key.split(".") if key else []
+        if not parts or not all(_KEY_PART.fullmatch(p) or re.fullmatch(r"[A-Za-z0-9_-]+(\[\d+\])+", p) for p in parts):
+            problems.append(("--set", f"{item!r}: bad key path {key!r} (expected e.g. run.epochs or losses[0].weight)"))
+            continue
         try:
             value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
+        except tomllib.TOMLDecodeError as exc:
+            if not _BARE_WORD.fullmatch(text.strip()):
+                problems.append((key, f"--set value {text!r} is not a TOML value ({exc}); quote strings: {key}='\"...\"'"))
+                continue
+            value = text.strip()
+        except RecursionError:
+            problems.append((key, "--set value nested too deeply"))
+            continue
+        if _too_deep(value) is not None:
+            problems.append((key, f"--set value nested more than {MAX_DEPTH} levels deep"))
+            continue
         try:
             _set_path(raw, key, value)
         except (KeyError, IndexError, TypeError) as exc:

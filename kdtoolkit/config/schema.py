@@ -14,8 +14,40 @@ import attrs
 SCHEMA_VERSION = 1
 
 
+from kdtoolkit.config.validators import FieldError as _FieldError
+from kdtoolkit.config.validators import check as _check
 from kdtoolkit.config.validators import non_negative as _non_negative
 from kdtoolkit.config.validators import positive as _positive
+
+# --- value checks of plain fields (a bad value is an error at its key, never a crash later) --------
+_bits = _check(lambda v: 1 <= v <= 8 or v == 32, "must be 1..8 or 32 (full precision), got {value!r}")
+_seed = _check(lambda v: 0 <= v < 2**63, "must be between 0 and 2**63 - 1, got {value!r}")
+_non_empty = _check(lambda v: v != "", "must not be empty")
+
+
+def _printable_name(inst, attribute, value) -> None:
+    if not value or len(value) > 100 or not value.isprintable():
+        raise _FieldError(attribute.name, f"must be 1..100 printable characters, got {value[:40]!r}{'...' if len(value) > 40 else ''}")
+
+
+def _output_dir(inst, attribute, value) -> None:
+    if not value or not value.isprintable():
+        raise _FieldError(attribute.name, f"must be a non-empty printable path, got {value[:40]!r}")
+    try:
+        value.format(name="run")
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise _FieldError(attribute.name, f"{value!r}: only the placeholder {{name}} is allowed ({type(exc).__name__}: {exc})") from None
+
+
+def _betas(inst, attribute, value) -> None:
+    if not all(0.0 <= b < 1.0 for b in value):
+        raise _FieldError(attribute.name, f"each must be in [0, 1), got {list(value)!r}")
+
+
+def _model_names(inst, attribute, value) -> None:
+    for name in value:
+        if not name or not all(c.isalnum() or c in "_-" for c in name):
+            raise _FieldError(f"{attribute.name}.{name!r}", "a model name must be letters, digits, '_' or '-' (it is used in references like \"student:block1\")")
 
 
 # --- component tables ---------------------------------------------------------------------------
@@ -41,9 +73,9 @@ class FusionConfig:
 class LayerOverride:
     """Per-layer bit-widths by module-path pattern (fnmatch); 32 means full precision."""
 
-    pattern: str
-    weight_bits: Optional[int] = None
-    act_bits: Optional[int] = None
+    pattern: str = attrs.field(validator=_non_empty)
+    weight_bits: Optional[int] = attrs.field(default=None, validator=_bits)
+    act_bits: Optional[int] = attrs.field(default=None, validator=_bits)
 
 
 @attrs.frozen
@@ -98,7 +130,7 @@ class ModelConfig:
 class MethodConfig:
     """``[method]``: what one training step computes."""
 
-    name: str = "supervised"
+    name: str  # required in a [method] table; no table means "supervised"
     options: Any = None
 
 
@@ -128,13 +160,13 @@ class LossConfig:
 class RunConfig:
     """``[run]``: run-wide settings."""
 
-    name: str = "run"
-    seed: int = 0
+    name: str = attrs.field(default="run", validator=_printable_name)
+    seed: int = attrs.field(default=0, validator=_seed)
     epochs: int = attrs.field(default=1, validator=_positive)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
-    output_dir: str = "runs/{name}"
+    output_dir: str = attrs.field(default="runs/{name}", validator=_output_dir)
     eval_every: int = attrs.field(default=1, validator=_positive)
     max_steps_per_epoch: Optional[int] = attrs.field(default=None, validator=_positive)
     progress: Literal["auto", "on", "off"] = "auto"
@@ -142,6 +174,8 @@ class RunConfig:
     best_metric: Optional[str] = None  # e.g. "test/student/top1"; default: the student's top-1
     #: "reuse": glibc malloc keeps freed tensor memory (no page faults per step; kdtoolkit.engine.memory)
     host_memory: Literal["reuse", "system"] = "reuse"
+    #: a NaN/inf loss: "stop" the run (last/best stay the last good ones) or "skip_step" (counted)
+    on_nonfinite: Literal["stop", "skip_step"] = "stop"
 
 
 @attrs.frozen
@@ -151,8 +185,8 @@ class ParamGroupConfig:
     weight decay. The first matching group wins; unmatched parameters use the optimizer's values."""
 
     params: list[str]
-    lr_scale: float = 1.0
-    weight_decay: Optional[float] = None
+    lr_scale: float = attrs.field(default=1.0, validator=_non_negative)
+    weight_decay: Optional[float] = attrs.field(default=None, validator=_non_negative)
 
 
 @attrs.frozen
@@ -164,7 +198,7 @@ class OptimizerConfig:
     momentum: float = attrs.field(default=0.9, validator=_non_negative)
     nesterov: bool = False
     weight_decay: float = attrs.field(default=5e-4, validator=_non_negative)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), validator=_betas)
     param_groups: list[ParamGroupConfig] = attrs.Factory(list)
     schedule: Optional[ScheduleConfig] = None
 
@@ -181,10 +215,10 @@ class PipelineConfig:
     """A whole pipeline."""
 
     data: DataConfig
-    models: dict[str, ModelConfig]
+    models: dict[str, ModelConfig] = attrs.field(validator=_model_names)
     schema_version: int = SCHEMA_VERSION
     run: RunConfig = attrs.Factory(RunConfig)
-    method: MethodConfig = attrs.Factory(MethodConfig)
+    method: MethodConfig = attrs.Factory(lambda: MethodConfig("supervised"))
     losses: list[LossConfig] = attrs.Factory(list)
     optimizer: OptimizerConfig = attrs.Factory(OptimizerConfig)
     plugins: PluginsConfig = attrs.Factory(PluginsConfig)

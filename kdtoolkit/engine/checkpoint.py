@@ -4,16 +4,25 @@ A checkpoint holds every tensor of the pipeline (the state dict of the models, l
 including quantizer state and fusion weights), the optimizer's tensor state and the RNG states as
 safetensors tensors, and everything else (epoch, step, config, optimizer hyper-parameters, best
 metric) as JSON in the safetensors metadata. No pickle. The file is written to a temporary name,
-fsynced and renamed over the old one, so a crash mid-write never corrupts the last good checkpoint.
+fsynced and renamed over the old one, so a crash mid-write never corrupts the last good checkpoint;
+temporary files a killed write left behind are removed by ``remove_stale_temporaries``.
+
+Verified on load: the metadata lists every tensor with its dtype and SHA-256 digest, so a flipped
+bit, a tensor stored in another dtype, or a missing model/optimizer/RNG tensor is a
+``CheckpointError`` naming the file; non-finite floating-point tensors are refused too. Checkpoints
+written before digests existed (no ``tensors`` entry) load with a warning, unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -23,9 +32,41 @@ from kdtoolkit.errors import CheckpointError
 
 FORMAT = "kdtoolkit-checkpoint"
 FORMAT_VERSION = 1
+TMP_SUFFIX = ".tmp"
 MODULE = "module/"
 OPTIM = "optim/"
 RNG = "rng/"
+
+
+#: Test hook (kill-point tests): called with the name of each step of a checkpoint/metrics write,
+#: e.g. ``"last.safetensors:written"`` (temporary file complete, not yet renamed) or ``":renamed"``.
+sequence_hook: Callable[[str], None] | None = None
+
+
+def sequence_point(name: str) -> None:
+    if sequence_hook is not None:
+        sequence_hook(name)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, so ``json.dumps(allow_nan=False)`` works."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def digest(t: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's raw bytes."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def _tensor(t: torch.Tensor) -> torch.Tensor:
@@ -74,16 +115,19 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 def atomic_write(path: Path, write) -> None:
     """Write through ``write(tmp_path)`` to a temporary file next to ``path``, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        sequence_point(f"{path.name}:written")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:  # e.g. a full disk
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -93,6 +137,18 @@ def atomic_write(path: Path, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+    sequence_point(f"{path.name}:renamed")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the temporary files of writes that were killed before their rename (``atomic_write``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save_checkpoint(
@@ -114,7 +170,8 @@ def save_checkpoint(
         tensors.update(rng_state())
     for k, v in (extra_tensors or {}).items():
         tensors[k] = _tensor(v)
-    header = {"kdtoolkit": json.dumps(info)}
+    info["tensors"] = {k: {"dtype": _dtype_name(v), "sha256": digest(v)} for k, v in tensors.items()}
+    header = {"kdtoolkit": json.dumps(json_safe(info), allow_nan=False)}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
@@ -133,9 +190,48 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: not a readable safetensors checkpoint ({exc})") from None
         if "kdtoolkit" not in header:
             raise CheckpointError(f"{self.path}: safetensors file without kdtoolkit metadata")
-        self.meta = json.loads(header["kdtoolkit"])
-        if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) > FORMAT_VERSION:
+        try:
+            self.meta = json.loads(header["kdtoolkit"])
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: damaged checkpoint metadata ({exc})") from None
+        if not isinstance(self.meta, dict):
+            raise CheckpointError(f"{self.path}: damaged checkpoint metadata (not a JSON object)")
+        if self.meta.get("format") != FORMAT or not isinstance(self.meta.get("format_version", 0), int) or self.meta.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{self.path}: unsupported checkpoint format {self.meta.get('format')!r} v{self.meta.get('format_version')}")
+        self._verify()
+
+    def _verify(self) -> None:
+        """Digests, dtypes and completeness against the metadata; finite floating-point values."""
+        listed = self.meta.get("tensors")
+        if listed is None:
+            print(f"warning: {self.path}: written without tensor digests (an older kdtoolkit); loaded unverified", file=sys.stderr)
+        elif not isinstance(listed, dict):
+            raise CheckpointError(f"{self.path}: damaged checkpoint metadata (tensors)")
+        else:
+            missing = sorted(set(listed) - set(self.tensors))
+            if missing:
+                raise CheckpointError(f"{self.path}: incomplete checkpoint: missing tensor(s) {', '.join(missing[:5])}")
+            extra = sorted(set(self.tensors) - set(listed))
+            if extra:
+                raise CheckpointError(f"{self.path}: damaged checkpoint: tensor(s) not in its metadata: {', '.join(extra[:5])}")
+            for name, entry in listed.items():
+                t = self.tensors[name]
+                if not isinstance(entry, dict) or entry.get("dtype") != _dtype_name(t):
+                    want = entry.get("dtype") if isinstance(entry, dict) else "?"
+                    raise CheckpointError(f"{self.path}: damaged checkpoint: tensor {name} is {_dtype_name(t)}, written as {want}")
+                if entry.get("sha256") != digest(t):
+                    raise CheckpointError(f"{self.path}: damaged checkpoint: tensor {name} does not match its digest")
+        for name, t in self.tensors.items():
+            if not name.startswith(RNG) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{self.path}: tensor {name} holds non-finite values (NaN or inf)")
+        if "optimizer" in self.meta and not isinstance(self.meta["optimizer"], dict):
+            raise CheckpointError(f"{self.path}: damaged checkpoint metadata (optimizer)")
+
+    def require(self, *keys: str) -> None:
+        """``CheckpointError`` naming the file unless the metadata has every one of ``keys``."""
+        missing = [k for k in keys if k not in self.meta]
+        if missing:
+            raise CheckpointError(f"{self.path}: checkpoint metadata lacks {', '.join(missing)}")
 
     @property
     def module_state(self) -> dict[str, torch.Tensor]:

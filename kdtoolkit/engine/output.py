@@ -1,14 +1,11 @@
-"""Console progress and the per-epoch metrics file (rank 0 only)."""
+"""Console progress (rank 0 only). The metrics file is ``kdtoolkit.engine.metrics``."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import sys
 import time
-from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 
 class ProgressBar:
@@ -58,51 +55,3 @@ def progress_enabled(setting: str, stream: TextIO = sys.stderr) -> bool:
     if setting == "off":
         return False
     return bool(getattr(stream, "isatty", lambda: False)())
-
-
-class MetricsWriter:
-    """Appends one row per epoch to ``metrics.jsonl`` (or ``metrics.csv``) in the run directory."""
-
-    def __init__(self, run_dir: Path, fmt: str):
-        self.fmt = fmt
-        self.path = Path(run_dir) / f"metrics.{fmt}"
-
-    def truncate_after(self, epoch: int) -> None:
-        """Drop rows of epochs after ``epoch`` (a resumed run rewrites them)."""
-        rows = [r for r in self.read() if r.get("epoch", 0) <= epoch]
-        self.path.unlink(missing_ok=True)
-        for r in rows:
-            self.write(r)
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.fmt == "jsonl":
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-            return
-        rows = self.read() + [row]
-        keys: list[str] = []
-        for r in rows:
-            keys.extend(k for k in r if k not in keys)
-        with open(self.path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, encoding="utf-8") as f:
-            if self.fmt == "jsonl":
-                return [json.loads(line) for line in f if line.strip()]
-            return [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def _number(v: str):
-    try:
-        return int(v)
-    except ValueError:
-        try:
-            return float(v)
-        except ValueError:
-            return v

@@ -8,6 +8,7 @@ only when a progress line is drawn or the epoch ends, so the loop adds no host-d
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sys
 import time
@@ -17,10 +18,12 @@ from typing import Any, Iterable
 import torch
 
 from kdtoolkit.engine.build import Built, best_metric, build_optimizer
-from kdtoolkit.engine.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from kdtoolkit.engine.checkpoint import RNG, Checkpoint, atomic_write, remove_stale_temporaries, save_checkpoint
 from kdtoolkit.engine.distributed import DistInfo
 from kdtoolkit.engine.memory import reuse_freed_memory
-from kdtoolkit.engine.output import MetricsWriter, ProgressBar, progress_enabled
+from kdtoolkit.engine.metrics import MetricsWriter
+from kdtoolkit.engine.nonfinite import NonFiniteGuard, check_weights
+from kdtoolkit.engine.output import ProgressBar, progress_enabled
 from kdtoolkit.errors import CheckpointError
 from kdtoolkit.methods import Progress
 
@@ -106,32 +109,71 @@ class Trainer:
         if not self.last_path.exists():
             raise CheckpointError(f"--resume: {self.last_path} does not exist; start the run without --resume")
         ckpt = Checkpoint(self.last_path)
+        ckpt.require("epoch", "global_step", "optimizer")
+        if not any(k.startswith(RNG) for k in ckpt.tensors):
+            raise CheckpointError(f"{self.last_path}: no RNG state; the run cannot continue exactly")
+        own = self.built.module.state_dict()
+        for key, value in ckpt.module_state.items():
+            if key in own and own[key].dtype != value.dtype:
+                raise CheckpointError(f"{self.last_path}: tensor {key} is {value.dtype}, this pipeline has {own[key].dtype}")
         missing, unexpected = self.built.module.load_state_dict(ckpt.module_state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{self.last_path}: does not match this pipeline (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        opt_state = ckpt.optimizer_state()
-        if opt_state is not None:
-            self.optimizer.load_state_dict(opt_state)
+        try:
+            self.optimizer.load_state_dict(ckpt.optimizer_state())
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.last_path}: optimizer state does not match this pipeline ({exc})") from None
         ckpt.restore_rng()
-        old = dict(ckpt.meta.get("config", {}))
-        changed = [k for k in set(old) | set(self.raw_config) if k != "run" and old.get(k) != self.raw_config.get(k)]
+        old = json.loads(json.dumps(ckpt.meta.get("config", {})))
+        new = json.loads(json.dumps(self.raw_config))  # tuples and lists compare as JSON does
+        changed = [k for k in set(old) | set(new) if k != "run" and old.get(k) != new.get(k)]
         if changed and self.dist.is_main:
             print(f"warning: resuming with a pipeline that differs from the checkpoint's in: {', '.join(sorted(changed))}", file=self.stream)
         epoch = int(ckpt.meta["epoch"])
+        best = ckpt.meta.get("best")
         if self.dist.is_main:
-            self.metrics.truncate_after(epoch)
+            self._repair_best(epoch, best)
+            self.metrics.repair(epoch, ckpt.meta.get("metrics"))
             print(f"resumed from {self.last_path} at epoch {epoch}", file=self.stream)
-        return epoch, int(ckpt.meta["global_step"]), ckpt.meta.get("best")
+        return epoch, int(ckpt.meta["global_step"]), best
 
-    def fit(self, *, resume: bool = False) -> dict[str, Any]:
+    def _repair_best(self, epoch: int, best: dict | None) -> None:
+        """``best`` as ``last`` says it is: a kill between writing ``last`` and copying it to ``best``
+        leaves ``best`` behind; the copy is made again."""
+        if not best or best.get("epoch") != epoch:
+            if best and not self.best_path.exists():
+                print(f"warning: {self.best_path} is missing (best was epoch {best.get('epoch')})", file=self.stream)
+            return
+        try:
+            current = Checkpoint(self.best_path).meta.get("epoch") if self.best_path.exists() else None
+        except CheckpointError:
+            current = None
+        if current != epoch:
+            self._write_best()
+            print(f"repaired {self.best_path}: now epoch {epoch}, as {self.last_path.name} records", file=self.stream)
+
+    def fit(self, *, resume: bool = False, on_start=None) -> dict[str, Any]:
+        """Train from epoch 0 or, with ``resume``, from the last checkpoint; ``on_start()`` runs once
+        the resume succeeded (the pipeline writes its records then, never for a rejected resume).
+
+        Per epoch the order is: train, evaluate, check the weights are finite, write ``last``, copy it
+        to ``best`` if improved, append the metrics row. ``last`` records the best epoch and carries
+        its metrics row, so ``--resume`` re-derives whatever a kill kept from being written."""
         cfg = self.cfg
         start_epoch, global_step, best = 0, 0, None
+        if self.dist.is_main:
+            for directory in (self.run_dir, self.run_dir / "checkpoints"):
+                remove_stale_temporaries(directory)
         if resume:
             start_epoch, global_step, best = self._resume()
+        if on_start is not None:
+            on_start()
+        self.nonfinite = NonFiniteGuard(cfg.run.on_nonfinite)
         last_row: dict[str, Any] = {}
         for epoch in range(start_epoch, cfg.run.epochs):
             row = self.train_epoch(epoch, global_step)
             global_step = row["step"]
+            check_weights(self.built.module, epoch=epoch + 1)
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.run.epochs:
                 row.update(evaluate(self.built, self.test_loader, precision=cfg.run.precision, progress=self.show))
             value = row.get(self.best_metric)
@@ -158,6 +200,10 @@ class Trainer:
         images_seen = 0
         start = time.perf_counter()
         lr = self._set_lr(float(epoch))
+        guard = getattr(self, "nonfinite", None) or NonFiniteGuard(cfg.run.on_nonfinite)
+        skip_mode = cfg.run.on_nonfinite == "skip_step"
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        skipped_before = guard.skipped
         n = 0
         for step, (images, labels) in enumerate(self.train_loader):
             if step >= steps:
@@ -167,24 +213,35 @@ class Trainer:
             with autocast(built.device, cfg.run.precision):
                 terms = built.method.training_step(images, labels, progress)
             loss = sum(terms.values())
+            if not skip_mode:
+                guard.observe(terms, loss, epoch=epoch, step=global_step + step + 1)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
+                applied = not skip_mode or guard.step_is_finite(loss, [])  # the scaler checks the gradients
+                if applied:
+                    self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 loss.backward()
-                self.optimizer.step()
-            for key, value in terms.items():
-                sums[key] = sums[key] + value.detach() if key in sums else value.detach().float()
-            sums["total"] = sums["total"] + loss.detach() if "total" in sums else loss.detach().float()
+                applied = not skip_mode or guard.step_is_finite(loss, params)
+                if applied:
+                    self.optimizer.step()
+            if applied:
+                for key, value in terms.items():
+                    sums[key] = sums[key] + value.detach() if key in sums else value.detach().float()
+                sums["total"] = sums["total"] + loss.detach() if "total" in sums else loss.detach().float()
             images_seen += labels.shape[0]
             n = step + 1
             bar.update(1, postfix=lambda: " ".join(f"{k}={float(v) / n:.4f}" for k, v in sums.items()))
         bar.close(postfix=lambda: " ".join(f"{k}={float(v) / max(n, 1):.4f}" for k, v in sums.items()))
+        guard.check()
+        skipped = guard.skipped - skipped_before
         seconds = time.perf_counter() - start
         row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step + n, "lr": lr}
-        row.update({f"train/loss/{k}": float(v) / max(n, 1) for k, v in sums.items()})
+        row.update({f"train/loss/{k}": float(v) / max(n - skipped, 1) for k, v in sums.items()})
+        if skip_mode:
+            row["train/skipped_steps"] = skipped
         row["train/images_per_s"] = images_seen / seconds if seconds > 0 else 0.0
         row["train/seconds"] = seconds
         row.update(self.built.method.epoch_metrics() if hasattr(self.built.method, "epoch_metrics") else {})
@@ -206,7 +263,11 @@ class Trainer:
         }
         save_checkpoint(self.last_path, self.built.module, optimizer=self.optimizer, meta=meta)
         if improved:
-            atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.last_path, tmp))
+            self._write_best()
+
+    def _write_best(self) -> None:
+        """``best`` <- ``last`` (called right after ``last`` was written for an improved epoch)."""
+        atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.last_path, tmp))
 
     def _print_row(self, row: dict) -> None:
         keys = [k for k in row if k.startswith("test/") and not k.endswith("/loss")]

@@ -1,23 +1,25 @@
 """CIFAR-10 and CIFAR-100 in memory, from torchvision's on-disk layout.
 
-Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009. Files are read with
-torchvision's ``CIFAR10``/``CIFAR100`` (``root/cifar-10-batches-py``, ``root/cifar-100-python``).
-Existing files are used as they are, without torchvision's md5 check (copies that are not the
-original distribution, e.g. subsets or re-encodings, load too); ``download=True`` goes through
-torchvision's downloader, which checks the archive and the files.
+Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", 2009. Files are in
+torchvision's layout (``root/cifar-10-batches-py``, ``root/cifar-100-python``). Existing files are
+used as they are, without torchvision's md5 check (copies that are not the original distribution,
+e.g. subsets or re-encodings, load too), and read with a restricted unpickler
+(``kdtoolkit.data.safe_pickle``: numpy arrays and builtins only, never code); ``download=True`` goes
+through torchvision's downloader, which checks the archive and the files.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import pickle
 
+import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from kdtoolkit.data import safe_pickle
 from kdtoolkit.data.types import DatasetSplits, TensorSplit
-from kdtoolkit.errors import ConfigError
+from kdtoolkit.errors import ConfigError, DataError
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "LocalCIFAR10", "LocalCIFAR100",
@@ -51,8 +53,8 @@ class _LocalFiles:
         return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
 
     def _load_meta(self) -> None:
-        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        entry = safe_pickle.load(os.path.join(self.root, self.base_folder, self.meta["filename"]))
+        self.classes = entry[self.meta["key"]]
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
@@ -76,11 +78,23 @@ def _missing_files(cls, root: pathlib.Path) -> list[str]:
     return [name for name in names if not (base / name).is_file()]
 
 
-def _to_split(dataset) -> TensorSplit:
-    # torchvision holds NHWC uint8; one permute to NCHW, made contiguous for fast row gathers.
-    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
-    return TensorSplit(images, labels)
+def _read_split(cls, root: pathlib.Path, *, train: bool) -> TensorSplit:
+    """The batch files of one split, read with the restricted unpickler (as torchvision lays them out)."""
+    images, labels = [], []
+    for name, _ in cls.train_list if train else cls.test_list:
+        path = root / cls.base_folder / name
+        entry = safe_pickle.load(path)
+        try:
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            targets = entry["labels"] if "labels" in entry else entry["fine_labels"]
+        except (TypeError, KeyError, ValueError, IndexError) as exc:
+            raise DataError(f"{path}: not a CIFAR batch file ({type(exc).__name__}: {exc})") from None
+        if len(targets) != len(data):
+            raise DataError(f"{path}: {len(data)} images but {len(targets)} labels")
+        images.append(torch.from_numpy(data))
+        labels.append(torch.as_tensor(targets, dtype=torch.int64))
+    # NCHW uint8, contiguous for fast row gathers
+    return TensorSplit(torch.cat(images).contiguous(), torch.cat(labels))
 
 
 def subset(split: TensorSplit, size: int | None, *, what: str, where: pathlib.Path) -> TensorSplit:
@@ -115,13 +129,15 @@ def load_cifar(name: str, options, *, root: pathlib.Path, download: bool) -> Dat
                 f"{name}: {what}; set data.root or $KDTOOLKIT_DATA to the directory that holds "
                 f"{cls.base_folder}/, or set data.download = true"
             )
-    try:
-        train = _to_split(cls(str(root), train=True, download=download))
-        test = _to_split(cls(str(root), train=False, download=False))
-    except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted"
-        raise ConfigError(f"{name}: could not load {root / cls.base_folder}: {exc}") from exc
-    except OSError as exc:  # a failed download (URLError is an OSError)
-        raise ConfigError(f"{name}: download to {root} failed: {exc}") from exc
+    if download:
+        try:
+            cls(str(root), train=True, download=True)  # fetches and md5-checks the original files
+        except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted"
+            raise ConfigError(f"{name}: could not load {root / cls.base_folder}: {exc}") from exc
+        except OSError as exc:  # a failed download (URLError is an OSError)
+            raise ConfigError(f"{name}: download to {root} failed: {exc}") from exc
+    train = _read_split(cls, root, train=True)
+    test = _read_split(cls, root, train=False)
     train_size = options.train_size
     if options.fraction != 1.0:
         train_size = fraction_size(len(train), options.fraction)
