@@ -139,7 +139,7 @@ class Pipeline:
         return built
 
     # -- running --
-    def fit(self, *, resume: bool = False, stream=sys.stderr) -> dict[str, Any]:
+    def fit(self, *, resume: bool = False, stream=None) -> dict[str, Any]:
         """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch."""
         from kdtoolkit.engine.checkpoint import atomic_write
         from kdtoolkit.engine.distributed import dist_info
@@ -156,6 +156,7 @@ class Pipeline:
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(problems=[("run.output_dir", f"cannot create {run_dir}: {exc.strerror or exc}")]) from None
+        stream = sys.stderr if stream is None else stream  # the current one (a CLI runner may have replaced it)
         trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
 
         def write_records() -> None:  # after a resume was accepted: a rejected one leaves them as they were

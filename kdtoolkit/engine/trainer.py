@@ -116,6 +116,11 @@ class Trainer:
         for key, value in ckpt.module_state.items():
             if key in own and own[key].dtype != value.dtype:
                 raise CheckpointError(f"{self.last_path}: tensor {key} is {value.dtype}, this pipeline has {own[key].dtype}")
+            if key in own and own[key].shape != value.shape:
+                raise CheckpointError(
+                    f"{self.last_path}: does not match this pipeline (tensor {key} has shape {list(value.shape)}, "
+                    f"this pipeline's {list(own[key].shape)})"
+                )
         missing, unexpected = self.built.module.load_state_dict(ckpt.module_state, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{self.last_path}: does not match this pipeline (missing {missing[:3]}, unexpected {unexpected[:3]})")
