@@ -27,8 +27,10 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KDToolkitError as exc:
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                click.echo(f"error: {line}", err=True)
+            problems = getattr(exc, "problems", None)
+            lines = [f"{p}: {m}" if p else m for p, m in problems] if problems else str(exc).splitlines()
+            for line in lines or [type(exc).__name__]:
+                click.echo(f"error: {_escape_newlines(line)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; the last epoch's checkpoint is kept: continue with --resume", err=True)
@@ -52,6 +54,10 @@ def user_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def _escape_newlines(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _one_line(exc: BaseException) -> str:

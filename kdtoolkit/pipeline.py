@@ -38,7 +38,10 @@ class Pipeline:
         if isinstance(config, PipelineConfig):
             blocked = list(config.plugins.blocked)
         elif isinstance(config, Mapping):
-            blocked = (config.get("plugins") or {}).get("blocked") or []
+            plugins_table = config.get("plugins") or {}
+            if not isinstance(plugins_table, Mapping):
+                raise ConfigError(problems=[("plugins", f"expected a table, got {plugins_table!r}")])
+            blocked = plugins_table.get("blocked") or []
             if not isinstance(blocked, list) or not all(isinstance(b, str) for b in blocked):
                 raise ConfigError(problems=[("plugins.blocked", "expected a list of plugin names")])
         else:

@@ -44,6 +44,17 @@ def _betas(inst, attribute, value) -> None:
         raise _FieldError(attribute.name, f"each must be in [0, 1), got {list(value)!r}")
 
 
+def _references(inst, attribute, value) -> None:
+    for arg, refs in value.items():
+        for ref in [refs] if isinstance(refs, str) else refs:
+            model, colon, path = ref.partition(":")
+            if not model or (colon and not path) or (colon and model == "labels"):
+                raise _FieldError(
+                    f"{attribute.name}.{arg}",
+                    f"bad reference {ref!r}: expected \"model\", \"model:module.path\", \"model:stages\" or \"labels\"",
+                )
+
+
 def _model_names(inst, attribute, value) -> None:
     for name in value:
         if not name or not all(c.isalnum() or c in "_-" for c in name):
@@ -147,7 +158,7 @@ class LossConfig:
     name: str
     weight: float = 1.0
     label: Optional[str] = None
-    inputs: dict[str, Union[str, list[str]]] = attrs.Factory(dict)
+    inputs: dict[str, Union[str, list[str]]] = attrs.field(factory=dict, validator=_references)
     fusion: Optional[FusionConfig] = None
     schedule: Optional[ScheduleConfig] = None
     options: Any = None
