@@ -213,7 +213,10 @@ def run_suite(suite: Suite, args) -> Path:
         selected = list(suite.mini_runs)
     work = Path(args.work_dir or f"runs/suites/{suite.name}-{args.scale}-{args.dataset}")
     results = Path(args.results_dir) if args.results_dir else work
-    root = args.data_root or os.environ.get("KDTOOLKIT_DATA") or (default_cifar10_root() if args.dataset == "cifar10" else None)
+    # smoke runs on the small exact subset beside the repository; the other scales need the whole
+    # dataset: --data-root, $KDTOOLKIT_DATA, or the download/cache the example pipelines use
+    root = args.data_root or os.environ.get("KDTOOLKIT_DATA") or (
+        default_cifar10_root() if args.dataset == "cifar10" and scale.name == "smoke" else None)
     jobs = [(*pipeline_for(suite, run, seed, scale, dataset=args.dataset, work=work, root=root), run, seed)
             for run, seed in plan(suite, selected, args.seeds)]
     costs = [estimate([(raw, run, seed)]) for raw, _, run, seed in jobs]
