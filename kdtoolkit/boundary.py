@@ -23,7 +23,7 @@ def describe(exc: BaseException) -> str | None:
         return f"plugin hook {plugin.name} ({plugin.filename}:{plugin.lineno}) raised {type(exc).__name__}: {_short(exc)}"
     if isinstance(exc, pluggy.PluginValidationError):
         return f"plugin {getattr(exc, 'plugin', None)!r}: {_short(exc)}"
-    if isinstance(exc, torch.OutOfMemoryError) or isinstance(exc, MemoryError):
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or _cpu_allocation_failed(exc):
         return f"out of memory ({_short(exc) or type(exc).__name__}); lower the batch size or the model's width/depth"
     if isinstance(exc, RecursionError):
         return "input nested too deeply to read (RecursionError); check the pipeline file and --set values"
@@ -35,6 +35,11 @@ def describe(exc: BaseException) -> str | None:
         hint = "; free some space and continue with --resume" if exc.errno == errno.ENOSPC else ""
         return f"{where}: {text}{hint}"
     return None
+
+
+def _cpu_allocation_failed(exc: BaseException) -> bool:
+    # the CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def _short(exc: BaseException) -> str:
