@@ -200,3 +200,11 @@ COMPONENT_KINDS: dict[type, str] = {
     FusionConfig: "fusion",
     ScheduleConfig: "schedule",
 }
+
+#: registry kind -> the config class of a table that names such a component
+KIND_CONFIGS: dict[str, type] = {kind: cls for cls, kind in COMPONENT_KINDS.items()}
+
+
+def generic_keys(cls: type) -> list[str]:
+    """The keys of a component table that the core reads (everything but the plugin's options)."""
+    return [f.name for f in attrs.fields(cls) if f.name != "options"]
