@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+#: the plugin-author test kit: the fake_distribution fixture (kdtoolkit.testing)
+pytest_plugins = ["kdtoolkit.testing"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -57,6 +60,14 @@ def select_quant_path(path: str, plugin_module, monkeypatch) -> str:
     else:
         raise ValueError(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def registry():
+    """kdtoolkit's own plugins from an explicit module list, whatever else is installed."""
+    from kdtoolkit.testing import first_party_registry
+
+    return first_party_registry()
 
 
 @pytest.fixture(scope="session")
