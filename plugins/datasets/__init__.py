@@ -11,7 +11,7 @@ from typing import Optional
 import attrs
 
 import kdtoolkit
-from kdtoolkit.config.validators import FieldError, check, one_of, positive
+from kdtoolkit.api import FieldError, check, one_of, positive
 
 __all__ = [
     "CifarOptions", "ImageFolderOptions", "SVHNOptions", "build_cifar10", "build_cifar100",

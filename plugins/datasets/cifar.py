@@ -16,8 +16,7 @@ import pickle
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from kdtoolkit.data.types import DatasetSplits, TensorSplit
-from kdtoolkit.errors import ConfigError
+from kdtoolkit.api import ConfigError, DatasetSplits, TensorSplit
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "LocalCIFAR10", "LocalCIFAR100",

@@ -33,13 +33,14 @@ import torch
 from torch import nn
 
 import kdtoolkit
-from kdtoolkit.quant import native
-from kdtoolkit.quant.base import QuantizedWeight, bits_validator
-from kdtoolkit.quant.functional import (
+from kdtoolkit.api import (
+    QuantizedWeight,
+    bits_validator,
     compiler_math,
     grad_in_range,
     in_compute_dtype,
-    in_range,
+    native,
+    tensor_in_range as in_range,
     zero_where_nonpositive,
 )
 

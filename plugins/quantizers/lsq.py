@@ -54,15 +54,16 @@ import torch
 from torch import nn
 
 import kdtoolkit
-from kdtoolkit.quant import native
-from kdtoolkit.quant.base import QuantizedWeight, bits_validator
-from kdtoolkit.quant.functional import (
+from kdtoolkit.api import (
+    QuantizedWeight,
     accumulation_dtype,
+    bits_validator,
     compiler_math,
     dot,
     dot_per_channel,
     grad_in_range,
     in_compute_dtype,
+    native,
 )
 
 
