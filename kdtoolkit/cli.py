@@ -1,4 +1,4 @@
-"""``kdtoolkit`` command line: run, validate, plugins, eval, export, plot-fusion.
+"""``kdtoolkit`` command line: run, validate, plugins, describe, eval, export, plot-fusion.
 
 Input and config errors print one line each (``path: message``) and exit with code 2; no traceback.
 """
@@ -76,33 +76,36 @@ def validate(pipeline, overrides):
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list: name, version, provides.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list: name, version, distribution, status, error, provides, components.")
 @user_errors
 def plugins(as_json):
-    """List installed plugins and the components each provides."""
-    from kdtoolkit.plugins import collect, get_plugin_manager, plugin_versions
+    """List installed plugins (loaded, blocked or broken) and the components each provides."""
+    from kdtoolkit.listing import format_rows, plugin_rows
 
-    pm = get_plugin_manager()
-    registry = collect(pm)
-    versions = plugin_versions(pm)
-    rows = []
-    for name in sorted(versions):
-        provides: dict[str, list[str]] = {}
-        for comp in registry.components():
-            if comp.plugin == name:
-                provides.setdefault(comp.kind, []).append(comp.name)
-        rows.append({"name": name, "version": versions[name], "provides": {k: sorted(v) for k, v in provides.items()}})
+    rows = plugin_rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    for row in rows:
-        click.echo(f"{row['name']} {row['version'] or ''}".rstrip())
-        for kind, names in row["provides"].items():
-            click.echo(f"  {kind}: {', '.join(names)}")
+    for line in format_rows(rows):
+        click.echo(line)
     from kdtoolkit.quant import native
 
     kernels = native.status()
     click.echo(f"native quantizer kernels: {'available' if kernels['available'] else 'unavailable'} ({kernels['reason']})")
+
+
+@main.command()
+@click.argument("kind")
+@click.argument("name")
+@user_errors
+def describe(kind, name):
+    """Show the options of component NAME of KIND (dataset, model, quantizer, loss, fusion, schedule, method)."""
+    from kdtoolkit.listing import describe as describe_component
+    from kdtoolkit.plugins import collect, get_plugin_manager
+
+    registry = collect(get_plugin_manager(on_error="record"), broken={})
+    for line in describe_component(registry, kind, name):
+        click.echo(line)
 
 
 @main.command("eval")

@@ -162,8 +162,12 @@ def _versions(pm: pluggy.PluginManager) -> dict[str, str]:
     return pm._kdtoolkit_versions
 
 
-def collect(pm: pluggy.PluginManager) -> Registry:
-    """Call every ``register_<kind>s`` hook and return the filled registry."""
+def collect(pm: pluggy.PluginManager, *, broken: dict[str, str] | None = None) -> Registry:
+    """Call every ``register_<kind>s`` hook and return the filled registry.
+
+    A hook that fails (or registers something invalid) raises ``PluginError`` naming its plugin; with
+    a ``broken`` dict (for listings) the error is recorded there by plugin name and the rest goes on.
+    """
     registry = Registry()
     for kind in KINDS:
         hook = getattr(pm.hook, HOOKS[kind])
@@ -187,7 +191,14 @@ def collect(pm: pluggy.PluginManager) -> Registry:
                     raise PluginError(f"plugin {_plugin!r}: {_kind} {name!r} options must be an attrs class")
                 registry.add(Component(_kind, name, factory, options, _plugin, description))
 
-            impl.function(**{"register": register})
+            try:
+                impl.function(**{"register": register})
+            except Exception as exc:  # noqa: BLE001 - a plugin's failure is reported as the plugin's
+                error = exc if isinstance(exc, PluginError) else PluginError(
+                    f"plugin {plugin_name!r}: {HOOKS[kind]} failed: {type(exc).__name__}: {exc}")
+                if broken is None:
+                    raise error from exc
+                broken.setdefault(plugin_name, str(error).splitlines()[0])
     return registry
 
 

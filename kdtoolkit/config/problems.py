@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
-from typing import Any, Iterable, Union, get_args, get_origin
+from typing import Any, Iterable, Literal, Union, get_args, get_origin
 
 import attrs
 from cattrs.errors import ForbiddenExtraKeysError, StructureHandlerNotFoundError
@@ -48,10 +48,13 @@ def type_name(t) -> str:
     if origin is Union and type(None) in args:
         rest = [a for a in args if a is not type(None)]
         return type_name(rest[0]) if len(rest) == 1 else " or ".join(type_name(a) for a in rest)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin in (list, tuple) and args:
         if origin is tuple and Ellipsis not in args:
             return f"a list of {len(args)} values ({', '.join(type_name(a) for a in args)})"
-        return f"a list of {type_name(args[0])}"
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
+        return f"a list of {plural.get(args[0]) or type_name(args[0])}"
     if origin is dict:
         return "a table"
     if attrs.has(t):
