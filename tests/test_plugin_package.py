@@ -187,3 +187,14 @@ def test_mistakes_in_the_plugins_options_are_config_errors(example, tmp_path):
     assert "error: method.peer.widht: unknown key (did you mean 'width'?)" in lines
     assert any(line.startswith("error: losses[3].scael: unknown key (did you mean 'scale'") for line in lines)
     assert "error: models.student.quantizer.weight_bits: weight_bits must be 1..8 or 32 (full precision), got 9" in lines
+
+
+def test_the_readme_testing_example(fake_distribution, tmp_path):
+    """The snippet of the README's "Testing a plugin", with this repository's path to the package."""
+    from kdtoolkit.testing import TestingPlugin, tiny_pipeline
+
+    fake_distribution.install("kdtoolkit-example", entry_points={"example": "kdtoolkit_example"},
+                              copy_from=[PKG / "kdtoolkit_example"])
+    raw = tiny_pipeline(tmp_path / "run", optimizer={"lr": 0.05, "schedule": {"name": "warmup", "epochs": 0.5}})
+    result = Pipeline(raw, plugins=[TestingPlugin()]).fit()
+    assert result["last"]["train/loss/ce"] > 0
