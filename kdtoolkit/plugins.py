@@ -125,11 +125,20 @@ def get_plugin_manager(
     for plugin in plugins:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
         pm.register(plugin, name=name)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {pm.get_name(exc.plugin) or exc.plugin!r}: {exc}") from None
-    return pm
+    while True:
+        try:
+            pm.check_pending()
+            return pm
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin)
+            error = PluginError(f"plugin {name or exc.plugin!r}: {exc}")
+            if on_error != "record" or name is None:
+                raise error from None
+            pm.unregister(exc.plugin)  # listed as broken; the others are still checked
+            pm._kdtoolkit_records = [
+                attrs.evolve(r, status="broken", error=str(error)) if r.name == name else r
+                for r in getattr(pm, "_kdtoolkit_records", [])
+            ]
 
 
 def _load_entrypoints(pm: pluggy.PluginManager, on_error: str = "raise") -> None:

@@ -134,6 +134,8 @@ def test_plugins_lists_broken_and_blocked_plugins_and_the_rest(fake_distribution
     """A broken plugin used to stop `kdtoolkit plugins` with an error (issue 9)."""
     fake_distribution.install("kdtoolkit-broken", entry_points={"broken": "broken_mod"}, files={"broken_mod.py": BROKEN_SRC})
     fake_distribution.install("kdtoolkit-badreg", entry_points={"badreg": "badreg_mod"}, files={"badreg_mod.py": BAD_REGISTER_SRC})
+    fake_distribution.install("kdtoolkit-typo", entry_points={"typo": "typo_mod"},
+                              files={"typo_mod.py": "import kdtoolkit\n@kdtoolkit.hookimpl\ndef register_loss(register):\n    pass\n"})
     fake_distribution.install("kdtoolkit-flat", version="1.2", entry_points={"flat": "flat_mod", "off": "flat_mod"},
                               files={"flat_mod.py": GOOD_SRC})
     monkeypatch.setenv("KDTOOLKIT_BLOCK_PLUGINS", "off")
@@ -144,6 +146,7 @@ def test_plugins_lists_broken_and_blocked_plugins_and_the_rest(fake_distribution
         "Block it with KDTOOLKIT_BLOCK_PLUGINS=broken or [plugins] blocked = [\"broken\"] in the pipeline" in lines
     assert any(line.startswith("badreg 0.1.0 (kdtoolkit-badreg): broken: plugin 'badreg'") and "'role'" in line for line in lines)
     assert "off 1.2 (kdtoolkit-flat): blocked" in lines
+    assert any(line.startswith("typo 0.1.0 (kdtoolkit-typo): broken: plugin 'typo'") and "register_loss" in line for line in lines)
     assert "flat 1.2 (kdtoolkit-flat)" in lines and "  schedule: flat  always 1" in lines
     assert any(line.startswith("  model: wrn ") for line in lines)  # the first-party plugins are still listed
     rows = {row["name"]: row for row in json.loads(CliRunner().invoke(main, ["plugins", "--json"]).output)}
