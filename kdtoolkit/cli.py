@@ -129,20 +129,26 @@ def eval_(run_dir, checkpoint, as_json):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="The .safetensors file to write.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="The file to write (.safetensors or .onnx).")
+@click.option("--format", "fmt", type=click.Choice(["packed", "onnx"]), default="packed", show_default=True,
+              help="packed: kdtoolkit's low-bit safetensors; onnx: an ONNX model for onnxruntime (needs .[onnx]).")
 @click.option("--model", "model_name", default=None, help="Model of the run to export (default: its student).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @user_errors
-def export(run_dir, out, model_name, checkpoint):
-    """Write the quantized model of RUN_DIR as packed integer codes (safetensors)."""
+def export(run_dir, out, fmt, model_name, checkpoint):
+    """Write the model of RUN_DIR as packed integer codes (safetensors) or as ONNX."""
     from kdtoolkit.export import export_run
 
-    sizes = export_run(run_dir, out, model_name=model_name, checkpoint=checkpoint)
+    sizes = export_run(run_dir, out, model_name=model_name, checkpoint=checkpoint, format=fmt)
     mib = 1024 * 1024
     click.echo(f"wrote {out}: {sizes['file'] / mib:.3f} MiB (float32 model: {sizes['float32_model'] / mib:.3f} MiB, "
                f"{sizes['float32_model'] / sizes['file']:.1f}x smaller)")
-    click.echo(f"quantized layers: {sizes['quantized_weights'] / mib:.3f} MiB packed vs "
-               f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
+    if fmt == "packed":
+        click.echo(f"quantized layers: {sizes['quantized_weights'] / mib:.3f} MiB packed vs "
+                   f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
+    elif sizes.get("float32_weight_bytes"):
+        click.echo(f"quantized layers: {sizes['quantized_weight_bytes'] / mib:.3f} MiB as low-bit integers vs "
+                   f"{sizes['float32_weight_bytes'] / mib:.3f} MiB as float32")
 
 
 @main.command("plot-fusion")
