@@ -1,4 +1,4 @@
-"""``kdtoolkit`` command line: run, validate, plugins, eval, export, plot-fusion.
+"""``kdtoolkit`` command line: run, validate, plugins, eval, export, plot, plot-fusion.
 
 Input and config errors print one line each (``path: message``) and exit with code 2; no traceback.
 """
@@ -54,13 +54,27 @@ def _load(path, overrides, device=None):
 @user_errors
 def run(pipeline, overrides, resume, device):
     """Train and evaluate the pipeline in PIPELINE (a TOML file)."""
+    import time
+
     pipe = _load(pipeline, overrides, device)
     pipe.validate()
+    start = time.perf_counter()
     result = pipe.fit(resume=resume)
     best = result["best"]
     click.echo(f"run directory: {result['run_dir']}")
     if best:
         click.echo(f"best {best['metric']} = {best['value']:.2f} (epoch {best['epoch']})")
+    _print_summary(result["run_dir"], time.perf_counter() - start)
+
+
+def _print_summary(run_dir, wall_seconds):
+    import os
+
+    from kdtoolkit.curves import read_metrics
+    from kdtoolkit.summary import run_summary
+
+    if os.environ.get("RANK", "0") == "0":  # one table per run, from the first process
+        click.echo(run_summary(run_dir, read_metrics(run_dir), wall_seconds=wall_seconds))
 
 
 @main.command()
@@ -149,6 +163,17 @@ def export(run_dir, out, fmt, model_name, checkpoint):
     elif sizes.get("float32_weight_bytes"):
         click.echo(f"quantized layers: {sizes['quantized_weight_bytes'] / mib:.3f} MiB as low-bit integers vs "
                    f"{sizes['float32_weight_bytes'] / mib:.3f} MiB as float32")
+
+
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")
+@user_errors
+def plot(run_dirs, out):
+    """Loss, accuracy and learning-rate curves of one or several runs, side by side (needs .[plot])."""
+    from kdtoolkit.curves import plot_runs
+
+    click.echo(f"wrote {plot_runs(list(run_dirs), out)}")
 
 
 @main.command("plot-fusion")
