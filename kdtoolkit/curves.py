@@ -71,7 +71,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
                          marker=".", label=f"{name}: {term}")
         for key in [k for k in keys if k.startswith("test/") and k.endswith("/top1")]:
             acc_ax.plot(*_series(rows, key), color=colour, marker="o", label=f"{name}: {key.split('/')[1]}")
-        lr_ax.plot(*_series(rows, "lr"), color=colour, label=name)
+        lr_ax.plot(*_series(rows, "lr"), color=colour, marker=".", label=name)
     for ax, title, ylabel in ((loss_ax, "training loss", "loss"), (acc_ax, "test accuracy", "top-1 (%)"), (lr_ax, "learning rate", "lr")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
