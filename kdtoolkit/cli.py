@@ -145,6 +145,18 @@ def export(run_dir, out, model_name, checkpoint):
                f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@user_errors
+def status(run_dir, as_json):
+    """Where the run in RUN_DIR stands: running or not, epochs done, best and last metrics."""
+    from kdtoolkit.status import format_status, run_status
+
+    info = run_status(run_dir)
+    click.echo(json.dumps(info) if as_json else "\n".join(format_status(info)))
+
+
 @main.command("plot-fusion")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")
