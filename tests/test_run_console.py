@@ -7,10 +7,10 @@ import io
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -117,13 +117,9 @@ def test_status_of_a_finished_run(redirected_run):
 
 
 def test_status_tells_running_from_killed(redirected_run, tmp_path):
-    import shutil
-
     run_dir = tmp_path / "copy"
     shutil.copytree(redirected_run[0], run_dir)
     marker = run_dir / output.RUNNING_FILE
-    import socket
-
     marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
     assert f"running (pid {os.getpid()})" in CliRunner().invoke(main, ["status", str(run_dir)]).output
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 import kdtoolkit
 
 
-def _count(n: int) -> str:
+def _parameter_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
@@ -26,18 +27,16 @@ def _bits(quantizer) -> str:
 
 def _options(options: Any, *, changed_only: bool = False) -> str:
     """``key=value`` of the options (``changed_only``: those that differ from their defaults)."""
-    import attrs
-
     if options is None or not attrs.has(type(options)):
         return ""
     fields = attrs.fields(type(options))
-    changed = []
+    shown = []
     for field in fields:
         value = getattr(options, field.name)
         default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
         if value is not None and (value != default or not changed_only):
-            changed.append(f"{field.name}={value}")
-    return ", ".join(changed)
+            shown.append(f"{field.name}={value}")
+    return ", ".join(shown)
 
 
 def banner_lines(built, *, run_dir: Path, data_root: Path | None, train_steps: int, resume: bool) -> list[str]:
@@ -49,7 +48,7 @@ def banner_lines(built, *, run_dir: Path, data_root: Path | None, train_steps: i
     for name, spec in cfg.models.items():
         model = built.models[name]
         params = sum(p.numel() for p in model.parameters())
-        what = [spec.role + (", frozen" if spec.frozen else ""), f"{_count(params)} parameters", _bits(spec.quantizer)]
+        what = [spec.role + (", frozen" if spec.frozen else ""), f"{_parameter_count(params)} parameters", _bits(spec.quantizer)]
         if spec.checkpoint:
             what.append(f"weights from {spec.checkpoint}")
         lines.append(f"  model {name}: {spec.name}({_options(spec.options)}): {'; '.join(what)}")
@@ -60,7 +59,8 @@ def banner_lines(built, *, run_dir: Path, data_root: Path | None, train_steps: i
     options = _options(cfg.data.options, changed_only=True)
     lines.append(f"  data: {cfg.data.name}{f' ({options})' if options else ''}: {len(splits.train)} train / "
                  f"{len(splits.test)} test images, {splits.num_classes} classes, batch {cfg.data.batch_size}; {where}")
-    threads = f", {torch.get_num_threads()} threads" if built.device.type == "cpu" else ""
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n != 1 else ''}" if built.device.type == "cpu" else ""
     schedule = cfg.optimizer.schedule.name if cfg.optimizer.schedule else "constant"
     lines.append(f"  device: {built.device}{threads}; precision {cfg.run.precision}"
                  f"{', channels-last' if cfg.run.channels_last else ''}; {cfg.optimizer.name} lr {cfg.optimizer.lr:g} ({schedule})")
