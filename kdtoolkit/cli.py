@@ -179,6 +179,18 @@ def plot(run_dirs, out):
     click.echo(f"wrote {plot_runs(list(run_dirs), out)}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@user_errors
+def status(run_dir, as_json):
+    """Where the run in RUN_DIR stands: running or not, epochs done, best and last metrics."""
+    from kdtoolkit.status import format_status, run_status
+
+    info = run_status(run_dir)
+    click.echo(json.dumps(info) if as_json else "\n".join(format_status(info)))
+
+
 @main.command("plot-fusion")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")

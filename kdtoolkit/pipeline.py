@@ -139,10 +139,14 @@ class Pipeline:
         return built
 
     # -- running --
-    def fit(self, *, resume: bool = False, stream=sys.stderr) -> dict[str, Any]:
-        """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch."""
+    def fit(self, *, resume: bool = False, stream=None) -> dict[str, Any]:
+        """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch.
+        Console output goes to ``stream`` (default ``sys.stderr``) and to ``run_dir/log.txt``."""
         from kdtoolkit.engine.distributed import dist_info
+        from kdtoolkit.engine.output import RunConsole
         from kdtoolkit.engine.trainer import Trainer
+
+        stream = stream or sys.stderr
 
         built = self.build()
         _, train_loader, test_loader = built.data
@@ -156,10 +160,26 @@ class Pipeline:
                     "(or run.name) to start a new run"
                 )
             (run_dir / "pipeline.json").write_text(json.dumps(self.raw, indent=2) + "\n")
-        trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
-        if info.is_main:
-            (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
-        return trainer.fit(resume=resume)
+        console = RunConsole(stream, run_dir) if info.is_main else None
+        try:
+            if console:
+                self._print_banner(console, built, resume)
+            trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=console or stream)
+            if info.is_main:
+                (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
+            return trainer.fit(resume=resume)
+        finally:
+            if console:
+                console.close()
+
+    def _print_banner(self, console, built, resume: bool) -> None:
+        from kdtoolkit.engine.banner import banner_lines
+
+        steps = len(built.data[1])
+        if self.config.run.max_steps_per_epoch:
+            steps = min(steps, self.config.run.max_steps_per_epoch)
+        for line in banner_lines(built, run_dir=self.run_dir, data_root=self._data_root, train_steps=steps, resume=resume):
+            print(line, file=console)
 
     def _environment(self) -> dict[str, Any]:
         import platform

@@ -8,7 +8,6 @@ only when a progress line is drawn or the epoch ends, so the loop adds no host-d
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from kdtoolkit.engine.build import Built, best_metric, build_optimizer
-from kdtoolkit.engine.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from kdtoolkit.engine.checkpoint import Checkpoint, save_checkpoint
 from kdtoolkit.engine.distributed import DistInfo
 from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.engine.output import MetricsWriter, ProgressBar, progress_enabled
@@ -34,7 +33,8 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool = False, max_steps: int | None = None) -> dict[str, float]:
+def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool | str = False, max_steps: int | None = None,
+             stream=None) -> dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of every evaluated model."""
     built.module.eval()
     correct1: dict[str, torch.Tensor] = {}
@@ -42,7 +42,7 @@ def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool =
     loss_sum: dict[str, torch.Tensor] = {}
     seen = 0
     total = len(loader) if max_steps is None else min(len(loader), max_steps)
-    bar = ProgressBar(total, "eval ", enabled=progress)
+    bar = ProgressBar(total, "eval ", enabled=progress, stream=stream or sys.stderr)
     for step, (images, labels) in enumerate(loader):
         if step >= total:
             break
@@ -85,7 +85,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.cfg.run.precision == "fp16" else None
         self.metrics = MetricsWriter(self.run_dir, self.cfg.run.metrics_format)
         self.best_metric = best_metric(self.cfg)
-        self.show = progress_enabled(self.cfg.run.progress, stream) and dist.is_main
+        self.show = dist.is_main and progress_enabled(self.cfg.run.progress, stream)  # "bar", "lines" or falsy
         if self.cfg.run.host_memory == "reuse":
             reuse_freed_memory()  # process-wide, once: no page faults for each step's tensors
 
@@ -134,7 +134,7 @@ class Trainer:
             row = self.train_epoch(epoch, global_step)
             global_step = row["step"]
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.run.epochs:
-                row.update(evaluate(self.built, self.test_loader, precision=cfg.run.precision, progress=self.show))
+                row.update(evaluate(self.built, self.test_loader, precision=cfg.run.precision, progress=self.show, stream=self.stream))
             value = row.get(self.best_metric)
             improved = value is not None and (best is None or value > best["value"])
             if improved:
@@ -156,7 +156,8 @@ class Trainer:
         if cfg.run.max_steps_per_epoch:
             steps = min(steps, cfg.run.max_steps_per_epoch)
         sums: dict[str, torch.Tensor] = {}
-        bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.run.epochs}", enabled=self.show, stream=self.stream)
+        bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.run.epochs}", enabled=self.show, stream=self.stream,
+                          images_per_step=cfg.data.batch_size, steps_after=(cfg.run.epochs - epoch - 1) * steps)
         images_seen = 0
         start = time.perf_counter()
         lr = self._set_lr(float(epoch))
@@ -208,7 +209,8 @@ class Trainer:
         }
         save_checkpoint(self.last_path, self.built.module, optimizer=self.optimizer, meta=meta)
         if improved:
-            atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.last_path, tmp))
+            # what evaluation and warm starts need: the weights and the run's record, no optimizer state
+            save_checkpoint(self.best_path, self.built.module, optimizer=None, meta=meta, include_rng=False)
 
     def _print_row(self, row: dict) -> None:
         keys = [k for k in row if k.startswith("test/") and not k.endswith("/loss")]
