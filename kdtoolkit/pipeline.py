@@ -109,8 +109,9 @@ class Pipeline:
         from kdtoolkit.data.loader import make_loader
         from kdtoolkit.data.roots import resolve_data_root
         from kdtoolkit.engine.build import build_parts, resolve_device
-        from kdtoolkit.engine.distributed import dist_info, make_sampler
+        from kdtoolkit.engine.distributed import dist_info, make_sampler, refuse_multiprocess
 
+        refuse_multiprocess()
         cfg = self.config
         device = device or resolve_device(cfg.run.device)
         if cfg.run.precision == "fp16" and device.type != "cuda":

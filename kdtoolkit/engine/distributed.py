@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kdtoolkit.data.sampler import EpochSampler
+from kdtoolkit.errors import ConfigError
 
 
 @attrs.frozen
@@ -37,9 +38,17 @@ def make_sampler(n: int, *, shuffle: bool, seed: int, drop_last: bool, info: Dis
     return EpochSampler(n, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=info.rank, world_size=info.world_size)
 
 
+def refuse_multiprocess() -> None:
+    """Several processes (``torchrun``, ``WORLD_SIZE > 1``) are not supported yet: refuse, rather
+    than let every process train alone as rank 0 and write the same run directory."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "0", "1"):
+        raise ConfigError(
+            f"WORLD_SIZE={world}: training on several processes is not supported yet; run one process "
+            "(python -m kdtoolkit run ..., without torchrun)"
+        )
+
+
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """DDP when several processes train, the model itself otherwise."""
-    if info.world_size > 1 and any(p.requires_grad for p in model.parameters()):
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    """The model itself: multi-process training is refused by ``refuse_multiprocess``."""
     return model
