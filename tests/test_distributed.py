@@ -94,7 +94,9 @@ def test_supervised_and_kd_two_processes_end_with_the_weights_of_one(tmp_path, c
     ok(torchrun(2, "run", str(write(tmp_path / "p.toml", pipeline(cifar10_root, out / "run")))))
     assert sorted(p.name for p in out.iterdir()) == ["run"]  # one run directory, written by rank 0
     assert sorted(p.name for p in (out / "run").iterdir()) == ["checkpoints", "environment.json", "metrics.jsonl", "pipeline.json"]
-    assert max_abs_diff(student_state(out / "run"), student_state(one_process)) < ATOL
+    diff = max_abs_diff(student_state(out / "run"), student_state(one_process))
+    print(f"supervised: max |w2 - w1| = {diff:.3g}")
+    assert diff < ATOL
     assert len(metrics(out / "run")) == 2
 
     kd_losses = """
@@ -113,7 +115,9 @@ def test_supervised_and_kd_two_processes_end_with_the_weights_of_one(tmp_path, c
         toml = write(tmp_path / f"kd{n}.toml", text)
         ok(kdtoolkit("run", str(toml)) if n == 1 else torchrun(2, "run", str(toml)))
         runs[n] = tmp_path / f"kd{n}"
-    assert max_abs_diff(student_state(runs[2]), student_state(runs[1])) < ATOL
+    diff = max_abs_diff(student_state(runs[2]), student_state(runs[1]))
+    print(f"kd: max |w2 - w1| = {diff:.3g}")
+    assert diff < ATOL
     # the frozen teacher is not trained (and not wrapped): unchanged on both
     assert max_abs_diff(student_state(runs[2], model="teacher"), student_state(one_process, "best")) == 0.0
 
@@ -139,11 +143,14 @@ def test_two_nodes_on_localhost_equal_one_node(tmp_path, cifar10_root, one_proce
     toml = write(tmp_path / "p.toml", pipeline(cifar10_root, tmp_path / "run"))
     for proc in two_nodes("run", str(toml)):
         ok(proc)
-    assert max_abs_diff(student_state(tmp_path / "run"), student_state(one_process)) < ATOL
+    diff = max_abs_diff(student_state(tmp_path / "run"), student_state(one_process))
+    print(f"2 nodes: max |w2 - w1| = {diff:.3g}")
+    assert diff < ATOL
 
 
-def cmtkd_toml(root: Path, run_dir: Path, *, epochs: int, student_quantizer: str, extra_method: str = "") -> str:
-    return textwrap.dedent(f"""
+def cmtkd_toml(root: Path, run_dir: Path, *, epochs: int, student_quantizer: str | None, extra_method: str = "") -> str:
+    """Student and 4-/8-bit HWGQ teachers; ``student_quantizer=None``: every network in float."""
+    text = textwrap.dedent(f"""
         schema_version = 1
         [run]
         name = "cmtkd"
@@ -186,21 +193,27 @@ def cmtkd_toml(root: Path, run_dir: Path, *, epochs: int, student_quantizer: str
         lr = 0.05
         weight_decay = 25e-6
     """)
+    if student_quantizer is None:
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("quantizer ="))
+    return text
 
 
 @pytest.mark.slow
 def test_cmtkd_stage_by_stage_under_ddp_equals_one_process(tmp_path, cifar10_root):
     """One DDP over every trained part: the fused teacher pass, the importance weights, the FitNet
-    regressors and the combined-teacher fusion get the gradients of one process."""
-    hwgq = '{ name = "hwgq", weight_bits = 2, act_bits = 2 }'
+    regressors (and their BatchNorms) and the combined-teacher fusion get the gradients of one
+    process. Float networks: with 2-bit activations a rounding flipped by float noise between the
+    two runs moves a weight by ~1e-3 (measured), which hides nothing but breaks any tolerance."""
     for n in (1, 2):
-        toml = write(tmp_path / f"c{n}.toml", cmtkd_toml(cifar10_root, tmp_path / f"c{n}", epochs=1, student_quantizer=hwgq))
+        toml = write(tmp_path / f"c{n}.toml", cmtkd_toml(cifar10_root, tmp_path / f"c{n}", epochs=1, student_quantizer=None))
         ok(kdtoolkit("run", str(toml)) if n == 1 else torchrun(2, "run", str(toml)))
     one = Checkpoint(tmp_path / "c1" / "checkpoints" / "last.safetensors").module_state
     two = Checkpoint(tmp_path / "c2" / "checkpoints" / "last.safetensors").module_state
     trained = [k for k in one if k.startswith(("models.", "method."))]
     assert any(k.startswith("method.fusion.") for k in trained) and any("regressor" in k or "feature_loss" in k for k in trained)
-    assert max_abs_diff({k: two[k] for k in trained}, {k: one[k] for k in trained}) < ATOL
+    diff = max_abs_diff({k: two[k] for k in trained}, {k: one[k] for k in trained})
+    print(f"cmtkd: max |w2 - w1| = {diff:.3g}")
+    assert diff < ATOL
 
 
 def ctkd_toml(root: Path, run_dir: Path, expert: Path) -> str:
@@ -244,23 +257,38 @@ def test_cmtkd_and_ctkd_run_and_resume_on_two_processes_with_the_ranks_in_step(t
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_epoch_stops_the_run_and_resume_completes(tmp_path, cifar10_root):
+def test_a_rank_killed_mid_epoch_stops_the_run_and_resume_on_one_process_completes_it(tmp_path, cifar10_root):
+    """Rank 1 is SIGKILLed half-way through epoch 2: the run stops with a message and the epoch-1
+    checkpoint intact; resumed on ONE process it ends with the weights of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from distributed_helpers import env
+
     (tmp_path / "killer.py").write_text(KILLER)
-    runner = write(tmp_path / "runner.py", RANK_STATE_RUNNER.replace("pipe = Pipeline.from_toml(toml, overrides=sys.argv[4:])",
-                                                                      "import killer\npipe = Pipeline.from_toml(toml, overrides=sys.argv[4:], plugins=[killer])"))
-    text = pipeline(cifar10_root, tmp_path / "run", epochs=2).replace('schedule = { name = "cosine" }', 'schedule = { name = "kill_at" }')
-    toml = write(tmp_path / "p.toml", text)
+    runner = write(tmp_path / "runner.py", RANK_STATE_RUNNER.replace(
+        "pipe = Pipeline.from_toml(toml, overrides=sys.argv[4:])",
+        "import killer\npipe = Pipeline.from_toml(toml, overrides=sys.argv[4:], plugins=[killer])"))
+    texts = {name: pipeline(cifar10_root, tmp_path / name, epochs=2).replace('schedule = { name = "cosine" }', 'schedule = { name = "kill_at" }')
+             for name in ("ref", "run")}
     out = tmp_path / "states"
     out.mkdir()
+    one_process = [sys.executable, str(runner)]
+    ok(subprocess.run(one_process + [str(write(tmp_path / "ref.toml", texts["ref"])), "fresh", str(out)],
+                      env=env(PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=600))
+    toml = write(tmp_path / "run.toml", texts["run"])
     killed = torchrun_script(2, runner, str(toml), "fresh", str(out), KILL_AT_EPOCH="1.5", KILL_RANK="1", PYTHONPATH=str(tmp_path))
     assert killed.returncode != 0
-    assert "another process of the run failed" in killed.stderr and "--resume" in killed.stderr
+    assert "another process of the run failed" in killed.stderr and "continue with --resume" in killed.stderr, killed.stderr[-3000:]
     last = Checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")  # intact, readable
     assert last.meta["epoch"] == 1
-    resumed = torchrun_script(2, runner, str(toml), "resume", str(out), PYTHONPATH=str(tmp_path))
-    ok(resumed)
+    ok(subprocess.run(one_process + [str(toml), "resume", str(out)], env=env(PYTHONPATH=str(tmp_path)),
+                      capture_output=True, text=True, timeout=600))
     assert Checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").meta["epoch"] == 2
     assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2]
+    diff = max_abs_diff(student_state(tmp_path / "run"), student_state(tmp_path / "ref"))
+    print(f"2 processes, killed, resumed on 1: max |w - w_ref| = {diff:.3g}")
+    assert diff < ATOL
 
 
 @pytest.mark.slow

@@ -248,8 +248,8 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         all_reduce = _AllReduceSum.apply
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
-        count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float32)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 statistics in float32
+        count = torch.tensor([x.numel() // x.shape[1]], dtype=xf.dtype)
         total = all_reduce(torch.cat([xf.sum(dims), count]))
         n = total[-1]
         mean = total[:-1] / n
@@ -314,11 +314,9 @@ class DistributedStep:
         if info.world_size == 1:
             return
         frozen = {n for n, s in built.config.models.items() if s.frozen}
-        if batchnorm == "sync":
-            for name, model in built.module.models.items():
-                if name not in frozen:
-                    sync_batchnorm(model, built.device)
         parts = TrainedParts(built.module, frozen)
+        if batchnorm == "sync":  # trained models, and BatchNorms of losses and methods (FitNet regressors)
+            sync_batchnorm(parts, built.device)
         ids = [built.device.index if built.device.index is not None else torch.cuda.current_device()] if built.device.type == "cuda" else None
         # find_unused_parameters: a method may leave parameters out of a step (a term at weight 0,
         # a third-party method's branches); the traversal it costs is small next to the forward
