@@ -292,24 +292,6 @@ def test_a_rank_killed_mid_epoch_stops_the_run_and_resume_on_one_process_complet
 
 
 @pytest.mark.slow
-def test_torchrun_max_restarts_continues_from_the_last_checkpoint(tmp_path, cifar10_root):
-    """A worker group restarted by torchrun finds the run's checkpoint and resumes by itself."""
-    (tmp_path / "killer.py").write_text(KILLER)
-    text = pipeline(cifar10_root, tmp_path / "run", epochs=2).replace('schedule = { name = "cosine" }', 'schedule = { name = "kill_at" }')
-    toml = write(tmp_path / "p.toml", text)
-    # the CLI loads plugins from entry points: install the killer through a tiny dist-info on PYTHONPATH
-    dist = tmp_path / "killer-0.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: killer\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text("[kdtoolkit]\nkiller = killer\n")
-    proc = torchrun(2, "run", str(toml), max_restarts=1, KILL_AT_EPOCH="1.5", KILL_RANK="1", PYTHONPATH=str(tmp_path))
-    ok(proc)
-    assert "resumed from" in proc.stderr
-    assert Checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").meta["epoch"] == 2
-    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2]
-
-
-@pytest.mark.slow
 def test_batch_size_must_divide_over_the_processes(tmp_path, cifar10_root):
     text = pipeline(cifar10_root, tmp_path / "run", epochs=1).replace("batch_size = 64", "batch_size = 63")
     proc = torchrun(2, "run", str(write(tmp_path / "p.toml", text)), timeout=300)

@@ -125,7 +125,10 @@ def process_group(device: str = "auto") -> Iterator[DistInfo]:
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: keep the default handler
+        previous = None
     ok = False
     try:
         yield dist_info()
@@ -135,7 +138,8 @@ def process_group(device: str = "auto") -> Iterator[DistInfo]:
             raise PeerFailed(STOPPED.format(why=f" ({str(exc).splitlines()[0][:200]})")) from None
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if ok:
             dist.barrier()  # rank 0 may still be writing: nobody leaves before everyone is done
         dist.destroy_process_group()
