@@ -6,9 +6,12 @@ epoch time, the second epoch so start-up is left out) and the scaling efficiency
 
     python -m benchmarks.distributed_throughput [--nproc 2] [--device cpu|cuda] [--steps 10] [--rounds 2] [--json]
 
-On the CPU the processes share the machine's cores: one process gets every core (``torch`` threads =
-cores), each of N processes cores / N, so the figure measures the cost of the gradient all-reduce and
-of the split, not N times the hardware. On a GPU machine (``--device cuda``) each process has its GPU.
+On the CPU the processes share the machine's cores: each of the N processes gets cores / N ``torch``
+threads and so does the one process (``--baseline-threads`` to change it), so the efficiency measures
+the cost of the split and of the gradient all-reduce with the same hardware per process. (On a loaded
+machine one process with every core can be far slower than its share suggests: OpenMP threads wait
+for each other whenever one is descheduled.) On a GPU machine (``--device cuda``) each process has
+its GPU and the one process one GPU.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128, help="global batch size")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batchnorm", choices=("local", "sync"), default="local")
+    p.add_argument("--baseline-threads", type=int, default=None, help="torch threads of the one process (default: cores / nproc)")
     args = p.parse_args()
     cores = os.cpu_count() or 1
     root = default_cifar10_root()
@@ -90,17 +94,19 @@ def main() -> None:
                 toml = Path(tmp) / f"r{r}n{n}.toml"
                 toml.write_text(pipeline(root, toml.parent / toml.stem, device=args.device, steps=args.steps, batch=args.batch,
                                          batchnorm=args.batchnorm))
-                threads = cores if args.device == "cpu" and n == 1 else max(cores // n, 1)
+                share = max(cores // args.nproc, 1)
+                threads = (args.baseline_threads or share) if n == 1 else share
                 figures[str(n)].append(launch(n, toml, threads))
     one, many = median(figures["1"]), median(figures[str(args.nproc)])
     backend = "nccl" if args.device == "cuda" else "gloo"
-    result = {"device": args.device, "backend": backend, "nproc": args.nproc, "global_batch": args.batch, "cores": cores,
+    result = {"baseline_threads": args.baseline_threads or max(cores // args.nproc, 1), "device": args.device, "backend": backend, "nproc": args.nproc, "global_batch": args.batch, "cores": cores,
               "batchnorm": args.batchnorm, "images_per_s_1": one, f"images_per_s_{args.nproc}": many,
               "speedup": many / one, "scaling_efficiency": many / (args.nproc * one), "rounds": figures}
     table = [("1 process", f"{one:.1f}", "1.00", "-"),
              (f"{args.nproc} processes ({backend})", f"{many:.1f}", f"{many / one:.2f}", f"{many / (args.nproc * one):.2f}")]
     notes = [f"WRN-16-1, global batch {args.batch}, {args.steps} steps/epoch, median of {args.rounds} rounds; "
-             f"{cores} CPU cores shared by all processes" + (" (and by whatever else runs here)" if args.device == "cpu" else "")]
+             f"{cores} CPU cores, {max(cores // args.nproc, 1)} torch thread(s) per process, one process "
+             f"{args.baseline_threads or max(cores // args.nproc, 1)}" + (" (the cores are shared with whatever else runs here)" if args.device == "cpu" else "")]
     emit(result, table, ("run", "images/s", "speed-up", "scaling efficiency"), args.json, notes)
 
 

@@ -51,13 +51,6 @@ def register_schedules(register):
     register("kill_at", KillAt, options=Opts)
 '''
 
-SMALL = """
-[run]
-max_steps_per_epoch = 3
-batchnorm = "sync"
-"""
-
-
 def pipeline(root: Path, run_dir: Path, *, epochs: int = 2, method: str = "supervised", losses: str | None = None, extra: str = "") -> str:
     text = tiny_pipeline(root, run_dir, epochs=epochs, method=method, losses=losses)
     # the tiny pipeline's [run] table gets the distributed settings; test split: an odd size
