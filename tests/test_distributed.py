@@ -2,8 +2,8 @@
 
 Tolerance of "the same weights": the 2-process run averages two half-batch gradients where one
 process takes one full-batch gradient, and synchronised BatchNorm sums its statistics in another
-order; both are float32 rounding. After a few steps of SGD the weights agree to ``ATOL`` (measured:
-about 1e-6); evaluation counts agree exactly.
+order; both are float32 rounding. After 6 steps of SGD the weights agree to ``ATOL`` = 1e-4 (largest
+difference measured: supervised 1.6e-5, kd 7.0e-6, CMT-KD 7.7e-6); evaluation counts agree exactly.
 """
 
 from __future__ import annotations
