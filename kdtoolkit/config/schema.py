@@ -18,6 +18,16 @@ from kdtoolkit.config.validators import non_negative as _non_negative
 from kdtoolkit.config.validators import positive as _positive
 
 
+def _tensorboard_check(attribute, value) -> None:
+    from kdtoolkit.config.validators import FieldError
+
+    if value:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise FieldError(attribute.name, "needs the tensorboard package: pip install 'kdtoolkit[tensorboard]'") from None
+
+
 # --- component tables ---------------------------------------------------------------------------
 
 
@@ -148,6 +158,8 @@ class RunConfig:
     #: with several processes (torchrun): "sync" normalises each BatchNorm over the global batch (the
     #: result of one process), "local" over each process's share (no communication; the usual DDP)
     batchnorm: Literal["local", "sync"] = "local"
+    #: also write TensorBoard event files to RUN_DIR/tensorboard (needs .[tensorboard]; kdtoolkit.tensorboard_log)
+    tensorboard: bool = attrs.field(default=False, validator=lambda inst, attr, value: _tensorboard_check(attr, value))
 
 
 @attrs.frozen
