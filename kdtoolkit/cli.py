@@ -53,13 +53,24 @@ def _load(path, overrides, device=None):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override run.device.")
 @user_errors
 def run(pipeline, overrides, resume, device):
-    """Train and evaluate the pipeline in PIPELINE (a TOML file)."""
+    """Train and evaluate the pipeline in PIPELINE (a TOML file).
+
+    Under torchrun (several processes or machines) each process runs this command; see the README,
+    "Several GPUs and machines"."""
     import time
+
+    from kdtoolkit.engine.distributed import OtherRankFailed, process_group, resume_after_restart
 
     pipe = _load(pipeline, overrides, device)
     pipe.validate()
     start = time.perf_counter()
-    result = pipe.fit(resume=resume)
+    with process_group(pipe.config.run.device) as info:
+        try:
+            result = pipe.fit(resume=resume_after_restart(resume, pipe.run_dir / "checkpoints" / "last.safetensors"))
+        except OtherRankFailed:
+            sys.exit(2)  # rank 0 prints the error
+    if not info.is_main:
+        return
     best = result["best"]
     click.echo(f"run directory: {result['run_dir']}")
     if best:
@@ -135,8 +146,13 @@ def eval_(run_dir, checkpoint, as_json):
     path = Path(run_dir) / "checkpoints" / f"{checkpoint}.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    from kdtoolkit.engine.distributed import process_group
+
     pipe = Pipeline.from_run_dir(run_dir)
-    metrics = pipe.evaluate(path)
+    with process_group(pipe.config.run.device) as info:  # under torchrun: each process a shard
+        metrics = pipe.evaluate(path)
+    if not info.is_main:
+        return
     if as_json:
         click.echo(json.dumps(metrics))
         return

@@ -109,13 +109,17 @@ class Pipeline:
         from kdtoolkit.data.loader import make_loader
         from kdtoolkit.data.roots import resolve_data_root
         from kdtoolkit.engine.build import build_parts, resolve_device
-        from kdtoolkit.engine.distributed import dist_info, make_sampler
+        from kdtoolkit.engine.distributed import build_native_kernels_once, dist_info, make_sampler, per_process_batch, refuse_multiprocess
 
+        refuse_multiprocess()
         cfg = self.config
         device = device or resolve_device(cfg.run.device)
         if cfg.run.precision == "fp16" and device.type != "cuda":
             raise ConfigError(problems=[("run.precision", "fp16 needs CUDA; use bf16 on the CPU")])
         info = dist_info()
+        batch_size = per_process_batch(cfg.data.batch_size, info, "data.batch_size")
+        eval_batch_size = per_process_batch(cfg.data.eval_batch_size, info, "data.eval_batch_size", exact=False)
+        build_native_kernels_once(any(m.quantizer is not None for m in cfg.models.values()))
         torch.manual_seed(cfg.run.seed)
         root = resolve_data_root(cfg.data.root, recorded=self._recorded_data_root)
         self._data_root = root
@@ -124,11 +128,11 @@ class Pipeline:
         n_train = len(splits.train)
         train_sampler = make_sampler(n_train, shuffle=True, seed=cfg.run.seed, drop_last=False, info=info)
         train_loader = make_loader(
-            splits.train, batch_size=cfg.data.batch_size, sampler=train_sampler, augment=cfg.data.augment,
+            splits.train, batch_size=batch_size, sampler=train_sampler, augment=cfg.data.augment,
             seed=cfg.run.seed, drop_last=n_train >= cfg.data.batch_size, **common,
         )
-        test_sampler = make_sampler(len(splits.test), shuffle=False, seed=cfg.run.seed, drop_last=False, info=info)
-        test_loader = make_loader(splits.test, batch_size=cfg.data.eval_batch_size, sampler=test_sampler, augment=False, seed=cfg.run.seed, **common)
+        test_sampler = make_sampler(len(splits.test), shuffle=False, seed=cfg.run.seed, drop_last=False, info=info, pad=False)
+        test_loader = make_loader(splits.test, batch_size=eval_batch_size, sampler=test_sampler, augment=False, seed=cfg.run.seed, **common)
         sample = next(iter(test_loader))[0][:8]
         built = build_parts(cfg, self.registry, num_classes=splits.num_classes, device=device, sample=sample)
         if cfg.run.channels_last:
@@ -142,7 +146,7 @@ class Pipeline:
     def fit(self, *, resume: bool = False, stream=None) -> dict[str, Any]:
         """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch.
         Console output goes to ``stream`` (default ``sys.stderr``) and to ``run_dir/log.txt``."""
-        from kdtoolkit.engine.distributed import dist_info
+        from kdtoolkit.engine.distributed import dist_info, on_main
         from kdtoolkit.engine.output import RunConsole
         from kdtoolkit.engine.trainer import Trainer
 
@@ -152,7 +156,8 @@ class Pipeline:
         _, train_loader, test_loader = built.data
         run_dir = self.run_dir
         info = dist_info()
-        if info.is_main:
+
+        def prepare_run_dir():  # rank 0 alone; the other processes wait for it (on_main)
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume and (run_dir / "checkpoints" / "last.safetensors").exists():
                 raise CheckpointError(
@@ -160,6 +165,8 @@ class Pipeline:
                     "(or run.name) to start a new run"
                 )
             (run_dir / "pipeline.json").write_text(json.dumps(self.raw, indent=2) + "\n")
+
+        on_main(prepare_run_dir)
         console = RunConsole(stream, run_dir) if info.is_main else None
         try:
             if console:

@@ -77,7 +77,10 @@ class DataConfig:
     name: str
     root: Optional[str] = None
     download: bool = False
+    #: the global batch of one optimizer step: with N processes (torchrun) each takes batch_size / N,
+    #: so a pipeline trains the same on any number of processes (see README "Several GPUs and machines")
     batch_size: int = attrs.field(default=128, validator=_positive)
+    #: global too: each of N processes evaluates ceil(eval_batch_size / N) at a time
     eval_batch_size: int = attrs.field(default=512, validator=_positive)
     augment: bool = True
     num_workers: int = attrs.field(default=0, validator=_non_negative)
@@ -152,6 +155,9 @@ class RunConfig:
     best_metric: Optional[str] = None  # e.g. "test/student/top1"; default: the student's top-1
     #: "reuse": glibc malloc keeps freed tensor memory (no page faults per step; kdtoolkit.engine.memory)
     host_memory: Literal["reuse", "system"] = "reuse"
+    #: with several processes (torchrun): "sync" normalises each BatchNorm over the global batch (the
+    #: result of one process), "local" over each process's share (no communication; the usual DDP)
+    batchnorm: Literal["local", "sync"] = "local"
     #: also write TensorBoard event files to RUN_DIR/tensorboard (needs .[tensorboard]; kdtoolkit.tensorboard_log)
     tensorboard: bool = attrs.field(default=False, validator=lambda inst, attr, value: _tensorboard_check(attr, value))
 

@@ -17,7 +17,7 @@ import torch
 
 from kdtoolkit.engine.build import Built, best_metric, build_optimizer
 from kdtoolkit.engine.checkpoint import Checkpoint, save_checkpoint
-from kdtoolkit.engine.distributed import DistInfo
+from kdtoolkit.engine.distributed import DistInfo, DistributedStep, reduce_epoch, reduce_sums, sync_from_main
 from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.engine.output import MetricsWriter, ProgressBar, progress_enabled
 from kdtoolkit.errors import CheckpointError
@@ -35,7 +35,10 @@ def autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool | str = False, max_steps: int | None = None,
              stream=None) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy of every evaluated model."""
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy of every evaluated model. With several
+    processes each evaluates its shard of the test split with rank 0's weights and the counts are
+    summed over them (top-1/top-5 exactly those of one process)."""
+    sync_from_main(built.module)
     built.module.eval()
     correct1: dict[str, torch.Tensor] = {}
     correct5: dict[str, torch.Tensor] = {}
@@ -59,6 +62,12 @@ def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool |
         seen += labels.shape[0]
         bar.update(1)
     bar.close()
+    counts = {f"{kind}/{name}": d[name] for kind, d in (("top1", correct1), ("top5", correct5)) for name in d}
+    counts = {k: v.long() for k, v in reduce_sums({**counts, "seen": seen}, dtype=torch.int64).items()}
+    loss_sum = {n: v.item() for n, v in reduce_sums(loss_sum).items()}
+    correct1 = {name: counts[f"top1/{name}"] for name in correct1}
+    correct5 = {name: counts[f"top5/{name}"] for name in correct5}
+    seen = int(counts["seen"])
     out: dict[str, float] = {}
     for name in correct1:
         out[f"test/{name}/top1"] = 100.0 * float(correct1[name]) / seen
@@ -86,6 +95,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, self.cfg.run.metrics_format)
         self.best_metric = best_metric(self.cfg)
         self.show = dist.is_main and progress_enabled(self.cfg.run.progress, stream)  # "bar", "lines" or falsy
+        self.training_step = DistributedStep(built, dist, self.cfg.run.batchnorm)  # the method's, under DDP with N processes
         if self.cfg.run.host_memory == "reuse":
             reuse_freed_memory()  # process-wide, once: no page faults for each step's tensors
 
@@ -168,7 +178,7 @@ class Trainer:
             progress = Progress(epoch, step, steps, cfg.run.epochs)
             lr = self._set_lr(progress.epoch_float)
             with autocast(built.device, cfg.run.precision):
-                terms = built.method.training_step(images, labels, progress)
+                terms = self.training_step(images, labels, progress)
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -186,6 +196,7 @@ class Trainer:
             bar.update(1, postfix=lambda: " ".join(f"{k}={float(v) / n:.4f}" for k, v in sums.items()))
         bar.close(postfix=lambda: " ".join(f"{k}={float(v) / max(n, 1):.4f}" for k, v in sums.items()))
         seconds = time.perf_counter() - start
+        sums, images_seen = reduce_epoch(sums, images_seen)  # means and counts over every process
         row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step + n, "lr": lr}
         row.update({f"train/loss/{k}": float(v) / max(n, 1) for k, v in sums.items()})
         row["train/images_per_s"] = images_seen / seconds if seconds > 0 else 0.0
