@@ -1,4 +1,4 @@
-"""``kdtoolkit`` command line: run, validate, plugins, eval, export, plot-fusion.
+"""``kdtoolkit`` command line: run, validate, plugins, eval, export, plot, plot-fusion.
 
 Input and config errors print one line each (``path: message``) and exit with code 2; no traceback.
 """
@@ -54,13 +54,27 @@ def _load(path, overrides, device=None):
 @user_errors
 def run(pipeline, overrides, resume, device):
     """Train and evaluate the pipeline in PIPELINE (a TOML file)."""
+    import time
+
     pipe = _load(pipeline, overrides, device)
     pipe.validate()
+    start = time.perf_counter()
     result = pipe.fit(resume=resume)
     best = result["best"]
     click.echo(f"run directory: {result['run_dir']}")
     if best:
         click.echo(f"best {best['metric']} = {best['value']:.2f} (epoch {best['epoch']})")
+    _print_summary(result["run_dir"], time.perf_counter() - start)
+
+
+def _print_summary(run_dir, wall_seconds):
+    import os
+
+    from kdtoolkit.curves import read_metrics
+    from kdtoolkit.summary import run_summary
+
+    if os.environ.get("RANK", "0") == "0":  # one table per run, from the first process
+        click.echo(run_summary(run_dir, read_metrics(run_dir), wall_seconds=wall_seconds))
 
 
 @main.command()
@@ -129,20 +143,37 @@ def eval_(run_dir, checkpoint, as_json):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="The .safetensors file to write.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="The file to write (.safetensors or .onnx).")
+@click.option("--format", "fmt", type=click.Choice(["packed", "onnx"]), default="packed", show_default=True,
+              help="packed: kdtoolkit's low-bit safetensors; onnx: an ONNX model for onnxruntime (needs .[onnx]).")
 @click.option("--model", "model_name", default=None, help="Model of the run to export (default: its student).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @user_errors
-def export(run_dir, out, model_name, checkpoint):
-    """Write the quantized model of RUN_DIR as packed integer codes (safetensors)."""
+def export(run_dir, out, fmt, model_name, checkpoint):
+    """Write the model of RUN_DIR as packed integer codes (safetensors) or as ONNX."""
     from kdtoolkit.export import export_run
 
-    sizes = export_run(run_dir, out, model_name=model_name, checkpoint=checkpoint)
+    sizes = export_run(run_dir, out, model_name=model_name, checkpoint=checkpoint, format=fmt)
     mib = 1024 * 1024
     click.echo(f"wrote {out}: {sizes['file'] / mib:.3f} MiB (float32 model: {sizes['float32_model'] / mib:.3f} MiB, "
                f"{sizes['float32_model'] / sizes['file']:.1f}x smaller)")
-    click.echo(f"quantized layers: {sizes['quantized_weights'] / mib:.3f} MiB packed vs "
-               f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
+    if fmt == "packed":
+        click.echo(f"quantized layers: {sizes['quantized_weights'] / mib:.3f} MiB packed vs "
+                   f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
+    elif sizes.get("float32_weight_bytes"):
+        click.echo(f"quantized layers: {sizes['quantized_weight_bytes'] / mib:.3f} MiB as low-bit integers vs "
+                   f"{sizes['float32_weight_bytes'] / mib:.3f} MiB as float32")
+
+
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")
+@user_errors
+def plot(run_dirs, out):
+    """Loss, accuracy and learning-rate curves of one or several runs, side by side (needs .[plot])."""
+    from kdtoolkit.curves import plot_runs
+
+    click.echo(f"wrote {plot_runs(list(run_dirs), out)}")
 
 
 @main.command("plot-fusion")

@@ -18,6 +18,16 @@ from kdtoolkit.config.validators import non_negative as _non_negative
 from kdtoolkit.config.validators import positive as _positive
 
 
+def _tensorboard_check(attribute, value) -> None:
+    from kdtoolkit.config.validators import FieldError
+
+    if value:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise FieldError(attribute.name, "needs the tensorboard package: pip install 'kdtoolkit[tensorboard]'") from None
+
+
 # --- component tables ---------------------------------------------------------------------------
 
 
@@ -142,6 +152,8 @@ class RunConfig:
     best_metric: Optional[str] = None  # e.g. "test/student/top1"; default: the student's top-1
     #: "reuse": glibc malloc keeps freed tensor memory (no page faults per step; kdtoolkit.engine.memory)
     host_memory: Literal["reuse", "system"] = "reuse"
+    #: also write TensorBoard event files to RUN_DIR/tensorboard (needs .[tensorboard]; kdtoolkit.tensorboard_log)
+    tensorboard: bool = attrs.field(default=False, validator=lambda inst, attr, value: _tensorboard_check(attr, value))
 
 
 @attrs.frozen

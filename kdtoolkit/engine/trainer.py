@@ -23,6 +23,7 @@ from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.engine.output import MetricsWriter, ProgressBar, progress_enabled
 from kdtoolkit.errors import CheckpointError
 from kdtoolkit.methods import Progress
+from kdtoolkit.tensorboard_log import log_metrics_row
 
 
 def autocast(device: torch.device, precision: str):
@@ -141,6 +142,7 @@ class Trainer:
             if self.dist.is_main:
                 self.save(epoch + 1, global_step, best, row, improved)
                 self.metrics.write(row)
+                log_metrics_row(self.run_dir, row, enabled=cfg.run.tensorboard)
                 self._print_row(row)
             last_row = row
         return {"last": last_row, "best": best, "run_dir": str(self.run_dir)}
