@@ -29,8 +29,8 @@ Features and configs
     ``PipelineConfig`` (what ``Method.check`` receives).
 
 Quantizer support (provisional: moving into the quantizer plugin package)
-    ``native``, ``bits_validator`` and the helpers of ``kdtoolkit.quant.functional`` listed in
-    ``_QUANT_HELPERS``.
+    ``ops`` (the quantizers' custom ops: ``torch.ops.kdtoolkit.*``), ``expand_step``, ``native``,
+    ``bits_validator`` and the helpers of ``kdtoolkit.quant.functional`` listed in ``_QUANT_HELPERS``.
 """
 
 from __future__ import annotations
@@ -67,13 +67,11 @@ _LAZY: dict[str, str] = {
 }
 
 #: quantizer helpers of kdtoolkit.quant.functional (provisional)
-_QUANT_HELPERS = (
-    "accumulation_dtype", "compiler_math", "dot", "dot_per_channel", "grad_in_range",
-    "in_compute_dtype", "zero_where_nonpositive",
-)
+_QUANT_HELPERS = ("grad_in_range", "in_compute_dtype")
 _LAZY.update({name: "kdtoolkit.quant.functional" for name in _QUANT_HELPERS})
-#: ``in_range`` of the quantizers (a tensor mask) is published as ``tensor_in_range``
-_RENAMED = {"tensor_in_range": ("kdtoolkit.quant.functional", "in_range"), "native": ("kdtoolkit.quant.native", None)}
+_LAZY["expand_step"] = "kdtoolkit.quant.ops"
+#: modules published whole: the quantizer custom ops and the native kernel loader
+_RENAMED = {"ops": ("kdtoolkit.quant.ops", None), "native": ("kdtoolkit.quant.native", None)}
 
 
 def __getattr__(name: str) -> Any:

@@ -204,7 +204,7 @@ class Pipeline:
             "threads": torch.get_num_threads(),
             "host_memory": applied() or "unchanged",
             # on the CPU the quantizers use them when available; None: no quantized model
-            "native_quantizer_kernels": native.status()["available"] if quantized else None,
+            "native_quantizer_kernels": native.prepare()["available"] if quantized else None,  # builds now
         }
 
     def evaluate(self, checkpoint: str | Path | None = None, *, stream=sys.stderr) -> dict[str, float]:

@@ -43,22 +43,19 @@ def native_kernels_or_skip() -> None:
         pytest.skip(f"native quantizer kernels unavailable: {native.status()['reason']}")
 
 
-#: the three implementations of a first-party quantizer, see select_quant_path
-QUANT_PATHS = ["native", "aten", "compiler"]
+#: the eager implementations behind the first-party quantizer ops, see select_quant_path
+QUANT_PATHS = ["native", "aten"]
 
 
 def select_quant_path(path: str, plugin_module, monkeypatch) -> str:
-    """Make ``plugin_module``'s quantizers take one implementation: "native" (the fused C kernels),
-    "aten" (the eager ATen chain, native kernels off) or "compiler" (the plain math they use under
-    torch.compile)."""
+    """Make the quantizer ops (kdtoolkit.quant.ops) take one implementation: "native" (the fused C
+    kernels) or "aten" (the ATen implementation, native kernels off)."""
     from kdtoolkit.quant import native
 
     if path == "native":
         native_kernels_or_skip()
     elif path == "aten":
         monkeypatch.setattr(native, "supports", lambda *args: False)
-    elif path == "compiler":
-        monkeypatch.setattr(plugin_module, "compiler_math", lambda: True)
     else:
         raise ValueError(path)
     return path
