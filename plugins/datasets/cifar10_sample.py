@@ -14,8 +14,7 @@ from pathlib import Path
 
 from safetensors.torch import load
 
-from kdtoolkit.data.types import DatasetSplits, TensorSplit
-from kdtoolkit.errors import ConfigError
+from kdtoolkit.api import ConfigError, DatasetSplits, TensorSplit
 
 FILE = Path(__file__).with_name("cifar10_sample.safetensors")
 SHA256 = "28ce4766abcd7dd2cce2760fdd841af57522db1461348b249ca0bee277f83270"
