@@ -2,7 +2,7 @@
 
 The original pixels and labels, bit for bit (Krizhevsky 2009): the first 500 images of each of the
 five training batch files and the first 1000 of the test batch, stored as uint8 safetensors (10.3 MiB;
-no pickle, no network, no data root). Built by ``tools/make_cifar10_sample.py``; the file's sha256 is
+no pickle, no network, no data root). Built by ``make_cifar10_sample.py`` beside it; the file's sha256 is
 checked on load. Small enough that the quickstart trains, distils and quantizes in minutes on a CPU,
 large enough to learn something: for the full CIFAR-10 use the ``cifar10`` dataset.
 """

@@ -1,6 +1,6 @@
 """Build ``plugins/datasets/cifar10_sample.safetensors`` from the bit-exact CIFAR-10 subset.
 
-    python tools/make_cifar10_sample.py SUBSET_DIR   # holds cifar-10-batches-py/ (the exact subset)
+    python -m kdtoolkit_plugins.datasets.make_cifar10_sample SUBSET_DIR   # holds cifar-10-batches-py/ (the exact subset)
 
 The subset holds the first 1017 images of each original CIFAR-10 batch file; the sample keeps the first
 500 of each of the five training batches (2500 images, in batch order) and the first 1000 of the test
