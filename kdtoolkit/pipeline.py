@@ -112,13 +112,17 @@ class Pipeline:
         from kdtoolkit.data.loader import make_loader
         from kdtoolkit.data.roots import resolve_data_root
         from kdtoolkit.engine.build import build_parts, resolve_device
-        from kdtoolkit.engine.distributed import dist_info, make_sampler
+        from kdtoolkit.engine.distributed import build_native_kernels_once, dist_info, make_sampler, per_process_batch, refuse_multiprocess
 
+        refuse_multiprocess()
         cfg = self.config
         device = device or resolve_device(cfg.run.device)
         if cfg.run.precision == "fp16" and device.type != "cuda":
             raise ConfigError(problems=[("run.precision", "fp16 needs CUDA; use bf16 on the CPU")])
         info = dist_info()
+        batch_size = per_process_batch(cfg.data.batch_size, info, "data.batch_size")
+        eval_batch_size = per_process_batch(cfg.data.eval_batch_size, info, "data.eval_batch_size", exact=False)
+        build_native_kernels_once(any(m.quantizer is not None for m in cfg.models.values()))
         torch.manual_seed(cfg.run.seed)
         root = resolve_data_root(cfg.data.root, recorded=self._recorded_data_root)
         self._data_root = root
@@ -127,11 +131,11 @@ class Pipeline:
         n_train = len(splits.train)
         train_sampler = make_sampler(n_train, shuffle=True, seed=cfg.run.seed, drop_last=False, info=info)
         train_loader = make_loader(
-            splits.train, batch_size=cfg.data.batch_size, sampler=train_sampler, augment=cfg.data.augment,
+            splits.train, batch_size=batch_size, sampler=train_sampler, augment=cfg.data.augment,
             seed=cfg.run.seed, drop_last=n_train >= cfg.data.batch_size, **common,
         )
-        test_sampler = make_sampler(len(splits.test), shuffle=False, seed=cfg.run.seed, drop_last=False, info=info)
-        test_loader = make_loader(splits.test, batch_size=cfg.data.eval_batch_size, sampler=test_sampler, augment=False, seed=cfg.run.seed, **common)
+        test_sampler = make_sampler(len(splits.test), shuffle=False, seed=cfg.run.seed, drop_last=False, info=info, pad=False)
+        test_loader = make_loader(splits.test, batch_size=eval_batch_size, sampler=test_sampler, augment=False, seed=cfg.run.seed, **common)
         sample = next(iter(test_loader))[0][:8]
         built = build_parts(cfg, self.registry, num_classes=splits.num_classes, device=device, sample=sample)
         if cfg.run.channels_last:
@@ -143,31 +147,51 @@ class Pipeline:
 
     # -- running --
     def fit(self, *, resume: bool = False, stream=None) -> dict[str, Any]:
-        """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch."""
+        """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch.
+        Console output goes to ``stream`` (default ``sys.stderr``) and to ``run_dir/log.txt``."""
         from kdtoolkit.engine.checkpoint import atomic_write
-        from kdtoolkit.engine.distributed import dist_info
+        from kdtoolkit.engine.distributed import dist_info, on_main
+        from kdtoolkit.engine.output import RunConsole
         from kdtoolkit.engine.trainer import Trainer
 
+        stream = stream or sys.stderr  # the current one (a CLI runner may have replaced it)
         run_dir = self.run_dir
         info = dist_info()
         if info.is_main:
-            check_run_dir(run_dir, resume=resume)
+            check_run_dir(run_dir, resume=resume)  # before anything is built or written
         built = self.build()
         _, train_loader, test_loader = built.data
-        if info.is_main:
+
+        def prepare_run_dir():  # rank 0 alone; the other processes wait for it (on_main)
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ConfigError(problems=[("run.output_dir", f"cannot create {run_dir}: {exc.strerror or exc}")]) from None
-        stream = sys.stderr if stream is None else stream  # the current one (a CLI runner may have replaced it)
-        trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
 
         def write_records() -> None:  # after a resume was accepted: a rejected one leaves them as they were
             if info.is_main:
                 atomic_write(run_dir / "pipeline.json", lambda tmp: Path(tmp).write_text(json.dumps(self.raw, indent=2) + "\n"))
                 atomic_write(run_dir / ENVIRONMENT_FILE, lambda tmp: Path(tmp).write_text(json.dumps(self._environment(), indent=2) + "\n"))
 
-        return trainer.fit(resume=resume, on_start=write_records)
+        on_main(prepare_run_dir)
+        console = RunConsole(stream, run_dir) if info.is_main else None
+        try:
+            if console:
+                self._print_banner(console, built, resume)
+            trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=console or stream)
+            return trainer.fit(resume=resume, on_start=write_records)
+        finally:
+            if console:
+                console.close()
+
+    def _print_banner(self, console, built, resume: bool) -> None:
+        from kdtoolkit.engine.banner import banner_lines
+
+        steps = len(built.data[1])
+        if self.config.run.max_steps_per_epoch:
+            steps = min(steps, self.config.run.max_steps_per_epoch)
+        for line in banner_lines(built, run_dir=self.run_dir, data_root=self._data_root, train_steps=steps, resume=resume):
+            print(line, file=console)
 
     def _environment(self) -> dict[str, Any]:
         import platform
@@ -185,7 +209,7 @@ class Pipeline:
             "threads": torch.get_num_threads(),
             "host_memory": applied() or "unchanged",
             # on the CPU the quantizers use them when available; None: no quantized model
-            "native_quantizer_kernels": native.status()["available"] if quantized else None,
+            "native_quantizer_kernels": native.prepare()["available"] if quantized else None,  # builds now
         }
 
     def evaluate(self, checkpoint: str | Path | None = None, *, stream=sys.stderr) -> dict[str, float]:

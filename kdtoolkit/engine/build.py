@@ -296,23 +296,9 @@ def resolve_checkpoint_file(location: str) -> Path:
 
 
 def load_pretrained(model: nn.Module, spec, name: str) -> None:
-    from kdtoolkit.engine.checkpoint import Checkpoint
+    from kdtoolkit.weights import load_pretrained_weights  # every format: see kdtoolkit.weights
 
-    ckpt = Checkpoint(resolve_checkpoint_file(spec.checkpoint))
-    source = spec.checkpoint_model or ckpt.meta.get("student") or name
-    state = ckpt.model_state(source)
-    if spec.quantizer is not None:
-        from kdtoolkit.quant import load_float_state_dict
-
-        try:
-            model.load_state_dict(state)
-        except RuntimeError:
-            load_float_state_dict(model, state)
-        return
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"models.{name}.checkpoint: weights of {source!r} in {ckpt.path} do not fit this model: {str(exc).splitlines()[0]}") from None
+    load_pretrained_weights(model, spec, name)
 
 
 def build_optimizer(cfg: PipelineConfig, module: PipelineModule, method: Method) -> torch.optim.Optimizer:

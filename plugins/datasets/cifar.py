@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from kdtoolkit.api import ConfigError, DatasetSplits, TensorSplit
 from kdtoolkit.data import safe_pickle
-from kdtoolkit.data.types import DatasetSplits, TensorSplit
-from kdtoolkit.errors import ConfigError, DataError
+from kdtoolkit.errors import DataError
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "LocalCIFAR10", "LocalCIFAR100",
@@ -78,6 +78,28 @@ def _missing_files(cls, root: pathlib.Path) -> list[str]:
     return [name for name in names if not (base / name).is_file()]
 
 
+def _missing_parents(root: pathlib.Path) -> list[pathlib.Path]:
+    """``root`` and its ancestors that do not exist yet, deepest first (a download creates them)."""
+    missing = []
+    for path in (root, *root.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(paths: list[pathlib.Path]) -> None:
+    """Remove the directories a failed download created, deepest first, while they are empty."""
+    for path in paths:
+        for leftover in sorted(path.rglob("*"), reverse=True) if path.is_dir() else []:
+            if leftover.is_dir() and not any(leftover.iterdir()):
+                leftover.rmdir()
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty (or gone): keep it and its parents
+
+
 def _read_split(cls, root: pathlib.Path, *, train: bool) -> TensorSplit:
     """The batch files of one split, read with the restricted unpickler (as torchvision lays them out)."""
     images, labels = [], []
@@ -130,12 +152,17 @@ def load_cifar(name: str, options, *, root: pathlib.Path, download: bool) -> Dat
                 f"{cls.base_folder}/, or set data.download = true"
             )
     if download:
+        created = _missing_parents(root)
         try:
             cls(str(root), train=True, download=True)  # fetches and md5-checks the original files
         except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted"
             raise ConfigError(f"{name}: could not load {root / cls.base_folder}: {exc}") from exc
         except OSError as exc:  # a failed download (URLError is an OSError)
-            raise ConfigError(f"{name}: download to {root} failed: {exc}") from exc
+            _remove_empty(created)
+            raise ConfigError(
+                f"{name}: download to {root} failed ({exc}); offline, put {cls.base_folder}/ under a directory "
+                f"and set $KDTOOLKIT_DATA or data.root to it (or use the shipped sample: data.name = \"cifar10_sample\")"
+            ) from exc
     train = _read_split(cls, root, train=True)
     test = _read_split(cls, root, train=False)
     train_size = options.train_size

@@ -5,8 +5,7 @@ from __future__ import annotations
 import attrs
 
 import kdtoolkit
-from kdtoolkit.config.schema import LossConfig
-from kdtoolkit.methods import LossTermsMethod
+from kdtoolkit.api import LossConfig, LossTermsMethod
 
 
 @attrs.frozen
