@@ -41,7 +41,8 @@ from typing import Any
 from kdtoolkit.config.converter import component
 from kdtoolkit.config.schema import FusionConfig, LossConfig, ModelConfig, PipelineConfig, ScheduleConfig
 from kdtoolkit.config.validators import FieldError, check, in_range, non_negative, one_of, positive
-from kdtoolkit.errors import ConfigError, KDToolkitError, PluginError
+from kdtoolkit.errors import ConfigError, DataError, KDToolkitError, PluginError
+from kdtoolkit.data.safe_pickle import load as load_dataset_pickle  # dataset pickles, never code
 
 #: public name -> the internal module that defines it (imported on first use: torch is heavy)
 _LAZY: dict[str, str] = {
@@ -85,7 +86,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = sorted([
-    "ConfigError", "FieldError", "FusionConfig", "KDToolkitError", "LossConfig", "ModelConfig",
+    "ConfigError", "DataError", "load_dataset_pickle", "FieldError", "FusionConfig", "KDToolkitError", "LossConfig", "ModelConfig",
     "PipelineConfig", "PluginError", "ScheduleConfig", "check", "component", "in_range", "non_negative", "one_of",
     "positive", *_LAZY, *_RENAMED,
 ])

@@ -18,7 +18,7 @@ from cattrs.errors import ClassValidationError
 from kdtoolkit.config.converter import make_converter
 from kdtoolkit.config.problems import config_error, did_you_mean
 from kdtoolkit.config.schema import SCHEMA_VERSION, PipelineConfig
-from kdtoolkit.errors import ConfigError
+from kdtoolkit.errors import ConfigError, join_path
 from kdtoolkit.plugins import Registry
 
 __all__ = ["apply_overrides", "did_you_mean", "make_converter", "read_toml", "structure", "unstructure"]
@@ -69,7 +69,7 @@ def _too_deep(value: Any) -> str | None:
         if depth > MAX_DEPTH:
             return path
         if isinstance(node, dict):
-            stack.extend((v, join_path(path, _key(k)), depth + 1) for k, v in node.items())
+            stack.extend((v, join_path(path, str(k) if re.fullmatch(r"[A-Za-z0-9_-]+", str(k)) else f'"{k}"'), depth + 1) for k, v in node.items())
         elif isinstance(node, list):
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node))
     return None

@@ -17,9 +17,7 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from kdtoolkit.api import ConfigError, DatasetSplits, TensorSplit
-from kdtoolkit.data import safe_pickle
-from kdtoolkit.errors import DataError
+from kdtoolkit.api import ConfigError, DataError, DatasetSplits, TensorSplit, load_dataset_pickle
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "LocalCIFAR10", "LocalCIFAR100",
@@ -53,7 +51,7 @@ class _LocalFiles:
         return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
 
     def _load_meta(self) -> None:
-        entry = safe_pickle.load(os.path.join(self.root, self.base_folder, self.meta["filename"]))
+        entry = load_dataset_pickle(os.path.join(self.root, self.base_folder, self.meta["filename"]))
         self.classes = entry[self.meta["key"]]
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
@@ -105,7 +103,7 @@ def _read_split(cls, root: pathlib.Path, *, train: bool) -> TensorSplit:
     images, labels = [], []
     for name, _ in cls.train_list if train else cls.test_list:
         path = root / cls.base_folder / name
-        entry = safe_pickle.load(path)
+        entry = load_dataset_pickle(path)
         try:
             data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             targets = entry["labels"] if "labels" in entry else entry["fine_labels"]
