@@ -58,6 +58,7 @@ from torch import nn
 import kdtoolkit
 from kdtoolkit.config.validators import FieldError, non_negative, one_of, positive
 from kdtoolkit.errors import ConfigError
+from kdtoolkit.losses import call_loss
 from kdtoolkit.methods import Method, MethodContext, Progress
 from kdtoolkit.staging import as_staged
 
@@ -218,7 +219,7 @@ class CMTKD(Method):
             out["kl_teacher"] = self.beta * kl_t
         if use_features:
             ks = self.feature_stages
-            out["feature"] = self.gamma * self.feature_loss(student=[feats[k] for k in ks], teacher=[fused[k] for k in ks])
+            out["feature"] = self.gamma * call_loss(self.feature_loss, student=[feats[k] for k in ks], teacher=[fused[k] for k in ks])
         return out
 
     def evaluate_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
