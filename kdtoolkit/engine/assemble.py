@@ -178,7 +178,7 @@ def setup_losses(module: PipelineModule, taps: dict[str, FeatureTaps], sample: t
         return
     if sample is None:
         raise KDToolkitError("losses with setup() need a sample batch to learn their input shapes")
-    shapes = probe_shapes(module, module.method.forward_outputs, taps, sample)
+    shapes = probe_shapes(module, taps, sample)
     problems = []
     for i, term in needs_shapes:
         try:
@@ -202,9 +202,9 @@ def input_shapes(refs: Ref | list[Ref], shapes: dict[str, Any]) -> Any:
     return out
 
 
-def probe_shapes(module: nn.Module, forward, taps: dict[str, FeatureTaps], sample: torch.Tensor) -> dict[str, Any]:
-    """Shapes by reference text from one eval-mode, gradient-free ``forward(sample)`` (a method's
-    ``forward_outputs``: model logits and published outputs) and the taps it fills, without side
+def probe_shapes(module: PipelineModule, taps: dict[str, FeatureTaps], sample: torch.Tensor) -> dict[str, Any]:
+    """Shapes by reference text from one eval-mode, gradient-free ``method.forward_outputs(sample)``
+    (model logits and published outputs) and the taps it fills, without side
     effects: ``module``'s state (BN statistics, data-initialised quantizer steps) and train/eval
     modes are restored afterwards."""
     modes = {m: m.training for m in module.modules()}
@@ -213,7 +213,7 @@ def probe_shapes(module: nn.Module, forward, taps: dict[str, FeatureTaps], sampl
     try:
         module.eval()
         with torch.no_grad():
-            for text, value in forward(sample).items():
+            for text, value in module.method.forward_outputs(sample).items():
                 shapes[text] = [v.shape for v in value] if isinstance(value, (list, tuple)) else value.shape
         for name, model_taps in taps.items():
             for path, feat in model_taps.features.items():

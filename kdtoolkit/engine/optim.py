@@ -31,10 +31,8 @@ def _rule(group: Any, owner: str, prefix: str = "") -> Rule:
 
 def default_groups(module: nn.Module) -> list[Rule]:
     """The default groups of ``module``'s method, then of every other submodule that has them."""
-    rules: list[Rule] = []
-    method = getattr(module, "method", None)
-    if method is not None:
-        rules += [_rule(g, type(method).__name__) for g in method.param_groups()]
+    method = module.method
+    rules: list[Rule] = [_rule(g, type(method).__name__) for g in method.param_groups()]
     for name, sub in module.named_modules():
         if sub is module or sub is method or name.startswith("method."):
             continue
