@@ -16,6 +16,7 @@ SCHEMA_VERSION = 1
 
 from kdtoolkit.config.validators import non_negative as _non_negative
 from kdtoolkit.config.validators import positive as _positive
+from kdtoolkit.quant.model import LayerOverride  # the one per-layer bit-width rule: ``overrides`` entries
 
 
 # --- component tables ---------------------------------------------------------------------------
@@ -35,15 +36,6 @@ class FusionConfig:
 
     name: str
     options: Any = None
-
-
-@attrs.frozen
-class LayerOverride:
-    """Per-layer bit-widths by module-path pattern (fnmatch); 32 means full precision."""
-
-    pattern: str
-    weight_bits: Optional[int] = None
-    act_bits: Optional[int] = None
 
 
 @attrs.frozen

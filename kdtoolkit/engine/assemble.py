@@ -79,7 +79,7 @@ def build_model(cfg: PipelineConfig, registry: Registry, name: str, num_classes:
     spec = cfg.models[name]
     model = registry.get("model", spec.name).factory(spec.options, num_classes=num_classes)
     if spec.quantizer is not None:
-        from kdtoolkit.quant import LayerOverride, quantize_model
+        from kdtoolkit.quant import quantize_model
 
         q = spec.quantizer
         quantizer = registry.get("quantizer", q.name).factory(q.options)
@@ -89,7 +89,7 @@ def build_model(cfg: PipelineConfig, registry: Registry, name: str, num_classes:
             weight_bits=q.options.weight_bits,
             act_bits=q.options.act_bits,
             keep_first_last=q.keep_first_last,
-            overrides=[LayerOverride(o.pattern, o.weight_bits, o.act_bits) for o in q.overrides],
+            overrides=q.overrides,
         )
     return model
 

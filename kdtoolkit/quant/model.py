@@ -45,13 +45,7 @@ class LayerOverride:
     act_bits: int | None = attrs.field(default=None, validator=_optional_bits)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # torch.compile / DDP wrappers keep the real model one attribute down
-    for attr in ("_orig_mod", "module"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module) and type(model).__name__ in ("OptimizedModule", "DistributedDataParallel"):
-            return _unwrap(inner)
-    return model
+from kdtoolkit.features import unwrap as _unwrap  # noqa: E402 - the one wrapper-stripper
 
 
 def float_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
