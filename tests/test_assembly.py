@@ -221,3 +221,16 @@ def test_a_model_the_method_adds_trains_evaluates_and_is_checkpointed(cifar10_ro
     peer_state = ckpt.model_state("peer")
     assert any("quantizer" in k for k in peer_state)  # quantized like the student
     assert json.loads((tmp_path / "r" / "pipeline.json").read_text())["method"]["name"] == "with_peer"
+
+
+def test_the_environment_record_never_builds_the_native_kernels(monkeypatch):
+    from kdtoolkit.quant import native
+
+    def refuse():
+        raise AssertionError("environment.json built the native kernels")
+
+    monkeypatch.setattr(native, "library", refuse)
+    monkeypatch.setitem(native._state, "tried", False)
+    raw = {"data": {"name": "cifar10"}, "losses": [{"name": "ce"}],
+           "models": {"student": {"name": "wrn", "depth": 10, "width": 1, "quantizer": {"name": "lsq", "weight_bits": 2, "act_bits": 2}}}}
+    assert Pipeline.from_dict(raw)._environment()["native_quantizer_kernels"] == "not tried yet"
