@@ -66,6 +66,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--precisions", default="bf16,fp32")
     args = p.parse_args(argv)
+    print(f"host_memory: {2 * args.pairs} child processes per precision; about 20 minutes on 2 CPU cores with the "
+          "defaults (--pairs 1 for about 4)", file=sys.stderr, flush=True)
     figures: dict = {"pairs": args.pairs, "steps": args.steps}
     table = []
     for precision in args.precisions.split(","):

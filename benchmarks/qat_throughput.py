@@ -9,10 +9,11 @@ weight decay 5e-4) on a batch of 128 random 32x32 images; ``bf16`` = channels_la
 ``fp32`` = channels_last in float32. The variants of a (model, precision) pair are timed in
 alternating rounds (float, hwgq, lsq, float, hwgq, lsq, ...) after one warm-up step each; the ratio
 is the median over rounds of (variant step time / float step time in the same round).
-On the CPU the quantizers run the fused kernels of ``kdtoolkit.quant.native`` (as in a real run);
+On the CPU the quantizer ops run the fused kernels of ``kdtoolkit.quant.native`` (as in a real run);
 ``--aten`` adds HWGQ and LSQ with those kernels turned off (their ATen implementation), for
 comparison. ``--compile`` adds the same three variants under ``torch.compile`` (compiled QAT against compiled
-float; compiling takes a minute or more per model on 2 cores and is not timed).
+float; the quantizers stay single custom ops, ``kdtoolkit::lsq_forward`` etc., calling the same
+kernels; compiling takes a minute or more per model on 2 cores and is not timed).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main(argv=None):
     apply_host_memory(args)
     variants = VARIANTS + (("hwgq/aten", "lsq/aten") if args.aten else ())
     variants += tuple(f"{v}+compile" for v in VARIANTS) if args.compile else ()
-    kernels = native.status()
+    kernels = native.prepare()  # build now (status() alone does not)
     figures: dict = {"threads": torch.get_num_threads(), "rounds": args.rounds, "native_kernels": kernels["available"]}
     table = []
     for model_name in args.models.split(","):

@@ -68,7 +68,7 @@ def main(argv=None):
     add_host_memory_option(p)
     args = p.parse_args(argv)
     apply_host_memory(args)
-    kernels = native.status()
+    kernels = native.prepare()  # build now (status() alone does not)
     if not kernels["available"]:
         raise SystemExit(f"native kernels unavailable: {kernels['reason']}")
     figures: dict = {"threads": torch.get_num_threads()}

@@ -1,4 +1,4 @@
-"""``kdtoolkit`` command line: run, validate, plugins, eval, export, plot-fusion.
+"""``kdtoolkit`` command line: run, validate, plugins, describe, eval, export, plot, plot-fusion.
 
 Input and config errors print one line each (``path: message``) and exit with code 2; no traceback.
 """
@@ -54,16 +54,41 @@ def _load(path, overrides, device=None):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Override run.device.")
 @user_errors
 def run(pipeline, overrides, resume, device):
-    """Train and evaluate the pipeline in PIPELINE (a TOML file)."""
+    """Train and evaluate the pipeline in PIPELINE (a TOML file).
+
+    Under torchrun (several processes or machines) each process runs this command; see the README,
+    "Several GPUs and machines"."""
+    import time
+
+    from kdtoolkit.engine.distributed import OtherRankFailed, process_group, resume_after_restart
+
     pipe = _load(pipeline, overrides, device)
     if pipe.config.run.host_memory == "reuse":
         reuse_freed_memory()  # process-wide, once: no page faults for each step's tensors
-    pipe.validate(full=True)  # everything fit() needs, built once and reused by fit()
-    result = pipe.fit(resume=resume)
+    start = time.perf_counter()
+    with process_group(pipe.config.run.device) as info:
+        try:
+            pipe.validate(full=True)  # everything fit() needs, built once and reused by fit()
+            result = pipe.fit(resume=resume_after_restart(resume, pipe.run_dir / "checkpoints" / "last.safetensors"))
+        except OtherRankFailed:
+            sys.exit(2)  # rank 0 prints the error
+    if not info.is_main:
+        return
     best = result["best"]
     click.echo(f"run directory: {result['run_dir']}")
     if best:
         click.echo(f"best {best['metric']} = {best['value']:.2f} (epoch {best['epoch']})")
+    _print_summary(result["run_dir"], time.perf_counter() - start)
+
+
+def _print_summary(run_dir, wall_seconds):
+    import os
+
+    from kdtoolkit.curves import read_metrics
+    from kdtoolkit.summary import run_summary
+
+    if os.environ.get("RANK", "0") == "0":  # one table per run, from the first process
+        click.echo(run_summary(run_dir, read_metrics(run_dir), wall_seconds=wall_seconds))
 
 
 @main.command()
@@ -80,33 +105,36 @@ def validate(pipeline, overrides, full):
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list: name, version, provides.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list: name, version, distribution, status, error, provides, components.")
 @user_errors
 def plugins(as_json):
-    """List installed plugins and the components each provides."""
-    from kdtoolkit.plugins import collect, get_plugin_manager, plugin_versions
+    """List installed plugins (loaded, blocked or broken) and the components each provides."""
+    from kdtoolkit.listing import format_rows, plugin_rows
 
-    pm = get_plugin_manager()
-    registry = collect(pm)
-    versions = plugin_versions(pm)
-    rows = []
-    for name in sorted(versions):
-        provides: dict[str, list[str]] = {}
-        for comp in registry.components():
-            if comp.plugin == name:
-                provides.setdefault(comp.kind, []).append(comp.name)
-        rows.append({"name": name, "version": versions[name], "provides": {k: sorted(v) for k, v in provides.items()}})
+    rows = plugin_rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    for row in rows:
-        click.echo(f"{row['name']} {row['version'] or ''}".rstrip())
-        for kind, names in row["provides"].items():
-            click.echo(f"  {kind}: {', '.join(names)}")
+    for line in format_rows(rows):
+        click.echo(line)
     from kdtoolkit.quant import native
 
     kernels = native.status()
     click.echo(f"native quantizer kernels: {'available' if kernels['available'] else 'unavailable'} ({kernels['reason']})")
+
+
+@main.command()
+@click.argument("kind")
+@click.argument("name")
+@user_errors
+def describe(kind, name):
+    """Show the options of component NAME of KIND (dataset, model, quantizer, loss, fusion, schedule, method)."""
+    from kdtoolkit.listing import describe as describe_component
+    from kdtoolkit.plugins import collect, get_plugin_manager
+
+    registry = collect(get_plugin_manager(on_error="record"), broken={})
+    for line in describe_component(registry, kind, name):
+        click.echo(line)
 
 
 @main.command("eval")
@@ -122,8 +150,13 @@ def eval_(run_dir, checkpoint, as_json):
     path = Path(run_dir) / "checkpoints" / f"{checkpoint}.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    from kdtoolkit.engine.distributed import process_group
+
     pipe = Pipeline.from_run_dir(run_dir)
-    metrics = pipe.evaluate(path)
+    with process_group(pipe.config.run.device) as info:  # under torchrun: each process a shard
+        metrics = pipe.evaluate(path)
+    if not info.is_main:
+        return
     if as_json:
         click.echo(json.dumps(metrics))
         return
@@ -133,20 +166,49 @@ def eval_(run_dir, checkpoint, as_json):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="The .safetensors file to write.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="The file to write (.safetensors or .onnx).")
+@click.option("--format", "fmt", type=click.Choice(["packed", "onnx"]), default="packed", show_default=True,
+              help="packed: kdtoolkit's low-bit safetensors; onnx: an ONNX model for onnxruntime (needs .[onnx]).")
 @click.option("--model", "model_name", default=None, help="Model of the run to export (default: its student).")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True)
 @user_errors
-def export(run_dir, out, model_name, checkpoint):
-    """Write the quantized model of RUN_DIR as packed integer codes (safetensors)."""
+def export(run_dir, out, fmt, model_name, checkpoint):
+    """Write the model of RUN_DIR as packed integer codes (safetensors) or as ONNX."""
     from kdtoolkit.export import export_run
 
-    sizes = export_run(run_dir, out, model_name=model_name, checkpoint=checkpoint)
+    sizes = export_run(run_dir, out, model_name=model_name, checkpoint=checkpoint, format=fmt)
     mib = 1024 * 1024
     click.echo(f"wrote {out}: {sizes['file'] / mib:.3f} MiB (float32 model: {sizes['float32_model'] / mib:.3f} MiB, "
                f"{sizes['float32_model'] / sizes['file']:.1f}x smaller)")
-    click.echo(f"quantized layers: {sizes['quantized_weights'] / mib:.3f} MiB packed vs "
-               f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
+    if fmt == "packed":
+        click.echo(f"quantized layers: {sizes['quantized_weights'] / mib:.3f} MiB packed vs "
+                   f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
+    elif sizes.get("float32_weight_bytes"):
+        click.echo(f"quantized layers: {sizes['quantized_weight_bytes'] / mib:.3f} MiB as low-bit integers vs "
+                   f"{sizes['float32_weight_bytes'] / mib:.3f} MiB as float32")
+
+
+@main.command("plot")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")
+@user_errors
+def plot(run_dirs, out):
+    """Loss, accuracy and learning-rate curves of one or several runs, side by side (needs .[plot])."""
+    from kdtoolkit.curves import plot_runs
+
+    click.echo(f"wrote {plot_runs(list(run_dirs), out)}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@user_errors
+def status(run_dir, as_json):
+    """Where the run in RUN_DIR stands: running or not, epochs done, best and last metrics."""
+    from kdtoolkit.status import format_status, run_status
+
+    info = run_status(run_dir)
+    click.echo(json.dumps(info) if as_json else "\n".join(format_status(info)))
 
 
 @main.command("plot-fusion")

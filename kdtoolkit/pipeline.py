@@ -116,13 +116,17 @@ class Pipeline:
         from kdtoolkit.data.loader import make_loader
         from kdtoolkit.data.roots import resolve_data_root
         from kdtoolkit.engine.assemble import resolve_device
-        from kdtoolkit.engine.distributed import dist_info, make_sampler
+        from kdtoolkit.engine.distributed import build_native_kernels_once, dist_info, make_sampler, per_process_batch, refuse_multiprocess
 
+        refuse_multiprocess()
         cfg = self.config
         device = device or resolve_device(cfg.run.device)
         if cfg.run.precision == "fp16" and device.type != "cuda":
             raise ConfigError(problems=[("run.precision", "fp16 needs CUDA; use bf16 on the CPU")])
         info = dist_info()
+        batch_size = per_process_batch(cfg.data.batch_size, info, "data.batch_size")
+        eval_batch_size = per_process_batch(cfg.data.eval_batch_size, info, "data.eval_batch_size", exact=False)
+        build_native_kernels_once(any(m.quantizer is not None for m in cfg.models.values()))
         root = resolve_data_root(cfg.data.root, recorded=self._recorded_data_root)
         self._data_root = root
         splits = self.registry.get("dataset", cfg.data.name).factory(cfg.data.options, root=root, download=cfg.data.download)
@@ -130,11 +134,11 @@ class Pipeline:
         n_train = len(splits.train)
         train_sampler = make_sampler(n_train, shuffle=True, seed=cfg.run.seed, drop_last=False, info=info)
         train_loader = make_loader(
-            splits.train, batch_size=cfg.data.batch_size, sampler=train_sampler, augment=cfg.data.augment,
+            splits.train, batch_size=batch_size, sampler=train_sampler, augment=cfg.data.augment,
             seed=cfg.run.seed, drop_last=n_train >= cfg.data.batch_size, **common,
         )
-        test_sampler = make_sampler(len(splits.test), shuffle=False, seed=cfg.run.seed, drop_last=False, info=info)
-        test_loader = make_loader(splits.test, batch_size=cfg.data.eval_batch_size, sampler=test_sampler, augment=False, seed=cfg.run.seed, **common)
+        test_sampler = make_sampler(len(splits.test), shuffle=False, seed=cfg.run.seed, drop_last=False, info=info, pad=False)
+        test_loader = make_loader(splits.test, batch_size=eval_batch_size, sampler=test_sampler, augment=False, seed=cfg.run.seed, **common)
         self._data = (splits, train_loader, test_loader)
         return self._data
 
@@ -157,16 +161,21 @@ class Pipeline:
         return built
 
     # -- running --
-    def fit(self, *, resume: bool = False, stream=sys.stderr) -> dict[str, Any]:
-        """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch."""
-        from kdtoolkit.engine.distributed import dist_info
+    def fit(self, *, resume: bool = False, stream=None) -> dict[str, Any]:
+        """Train (or, with ``resume``, continue the run in ``run_dir``), evaluating each epoch.
+        Console output goes to ``stream`` (default ``sys.stderr``) and to ``run_dir/log.txt``."""
+        from kdtoolkit.engine.distributed import dist_info, on_main
+        from kdtoolkit.engine.output import RunConsole
         from kdtoolkit.engine.trainer import Trainer
+
+        stream = stream or sys.stderr
 
         built = self.build()
         _, train_loader, test_loader = built.data
         run_dir = self.run_dir
         info = dist_info()
-        if info.is_main:
+
+        def prepare_run_dir():  # rank 0 alone; the other processes wait for it (on_main)
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume and (run_dir / "checkpoints" / "last.safetensors").exists():
                 raise CheckpointError(
@@ -174,13 +183,28 @@ class Pipeline:
                     "(or run.name) to start a new run"
                 )
             (run_dir / "pipeline.json").write_text(json.dumps(self.raw, indent=2) + "\n")
-        trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
-        if info.is_main:
-            (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
-        result = trainer.fit(resume=resume)
-        if info.is_main:  # now the quantizers have run: whether their native kernels were available
-            (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
-        return result
+
+        on_main(prepare_run_dir)
+        console = RunConsole(stream, run_dir) if info.is_main else None
+        try:
+            if console:
+                self._print_banner(console, built, resume)
+            trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=console or stream)
+            if info.is_main:
+                (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
+            return trainer.fit(resume=resume)
+        finally:
+            if console:
+                console.close()
+
+    def _print_banner(self, console, built, resume: bool) -> None:
+        from kdtoolkit.engine.banner import banner_lines
+
+        steps = len(built.data[1])
+        if self.config.run.max_steps_per_epoch:
+            steps = min(steps, self.config.run.max_steps_per_epoch)
+        for line in banner_lines(built, run_dir=self.run_dir, data_root=self._data_root, train_steps=steps, resume=resume):
+            print(line, file=console)
 
     def _environment(self) -> dict[str, Any]:
         import platform
@@ -197,9 +221,8 @@ class Pipeline:
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "host_memory": applied() or "unchanged",
-            # on the CPU the quantizers use them when available; None: no quantized model. Never
-            # built here: "not tried yet" until a quantizer has run in this process
-            "native_quantizer_kernels": (known["available"] if (known := native.known_status()) else "not tried yet") if quantized else None,
+            # on the CPU the quantizers use them when available; None: no quantized model (never built here)
+            "native_quantizer_kernels": native.status()["available"] if quantized else None,
         }
 
     def evaluate(self, checkpoint: str | Path | None = None, *, stream=sys.stderr) -> dict[str, float]:

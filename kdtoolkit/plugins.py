@@ -9,7 +9,6 @@ that fails to import is reported by name (``PluginLoadError``) and can be blocke
 
 from __future__ import annotations
 
-import importlib.metadata as importlib_metadata
 import os
 from typing import Any, Callable, Iterable
 
@@ -17,11 +16,11 @@ import attrs
 import pluggy
 
 from kdtoolkit import hookspecs
+from kdtoolkit.entrypoints import BLOCK_ENV, PluginRecord, load_entrypoints
 from kdtoolkit.errors import ConfigError, PluginError
 from kdtoolkit.registration import check_contract
 
 PROJECT = "kdtoolkit"
-BLOCK_ENV = "KDTOOLKIT_BLOCK_PLUGINS"
 
 #: component kinds, in the order of the hook specifications; ``register_<kind>s`` is the hook.
 KINDS = ("dataset", "model", "quantizer", "loss", "fusion", "schedule", "method")
@@ -54,6 +53,24 @@ class Component:
         return self.options(**values)
 
 
+def check_option_names(component: Component) -> None:
+    """An option named like a generic key of its table (``weight`` of a loss, ``root`` of a dataset)
+    could never be set from TOML: a ``PluginError`` naming the plugin."""
+    if component.options is None:
+        return
+    from kdtoolkit.config.schema import KIND_CONFIGS, generic_keys  # the schema imports no plugins
+
+    generic = generic_keys(KIND_CONFIGS[component.kind])
+    clashes = [f.name for f in attrs.fields(component.options) if f.name in generic]
+    if clashes:
+        raise PluginError(
+            f"plugin {component.plugin!r}: {component.kind} {component.name!r} has option"
+            f"{'s' if len(clashes) > 1 else ''} {', '.join(map(repr, clashes))} named like the generic "
+            f"key{'s' if len(clashes) > 1 else ''} of a {component.kind} table, which the core reads "
+            f"(generic keys: {', '.join(generic)}); rename {'them' if len(clashes) > 1 else 'it'}"
+        )
+
+
 class Registry:
     """Components by kind and name, with the plugin that registered each."""
 
@@ -61,6 +78,7 @@ class Registry:
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
 
     def add(self, component: Component) -> None:
+        check_option_names(component)
         table = self._components[component.kind]
         if component.name in table:
             other = table[component.name]
@@ -97,46 +115,56 @@ def _blocked_from_env() -> set[str]:
 
 
 def get_plugin_manager(
-    *, load_entrypoints: bool = True, blocked: Iterable[str] = (), plugins: Iterable[Any] = ()
+    *, load_entrypoints: bool = True, blocked: Iterable[str] = (), plugins: Iterable[Any] = (), on_error: str = "raise"
 ) -> pluggy.PluginManager:
     """A fresh plugin manager with every installed plugin (minus blocked ones) and ``plugins``.
 
     ``plugins`` are extra plugin objects (modules or instances with ``@hookimpl`` methods), for
-    plugins defined in Python rather than installed.
+    plugins defined in Python rather than installed. ``on_error="record"`` (for listings) keeps a
+    broken or clashing entry point out and records it (``plugin_records``) instead of raising.
     """
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     for name in set(blocked) | _blocked_from_env():
         pm.set_blocked(name)
     if load_entrypoints:
-        _load_entrypoints(pm)
+        _load_entrypoints(pm, on_error)
     for plugin in plugins:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
         pm.register(plugin, name=name)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {pm.get_name(exc.plugin) or exc.plugin!r}: {exc}") from None
-    return pm
+    while True:
+        try:
+            pm.check_pending()
+            return pm
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin)
+            error = PluginError(f"plugin {name or exc.plugin!r}: {exc}")
+            if on_error != "record" or name is None:
+                raise error from None
+            pm.unregister(exc.plugin)  # listed as broken; the others are still checked
+            pm._kdtoolkit_records = [
+                attrs.evolve(r, status="broken", error=str(error)) if r.name == name else r
+                for r in getattr(pm, "_kdtoolkit_records", [])
+            ]
 
 
-def _load_entrypoints(pm: pluggy.PluginManager) -> None:
-    # Like pm.load_setuptools_entrypoints, but a plugin that fails to import is named in the error
-    # (with the way to block it) instead of surfacing as a bare traceback.
-    for dist in list(importlib_metadata.distributions()):
-        for ep in dist.entry_points:
-            if ep.group != PROJECT or pm.get_plugin(ep.name) or pm.is_blocked(ep.name):
-                continue
-            try:
-                plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
-                raise PluginError(
-                    f"plugin {ep.name!r} (from {dist.metadata['name']}) failed to import: "
-                    f"{type(exc).__name__}: {exc}. Block it with {BLOCK_ENV}={ep.name} "
-                    f"or [plugins] blocked = [\"{ep.name}\"] in the pipeline"
-                ) from exc
-            pm.register(plugin, name=ep.name)
-            _versions(pm)[ep.name] = dist.version
+def _load_entrypoints(pm: pluggy.PluginManager, on_error: str = "raise") -> None:
+    def register(plugin, name):
+        pm.register(plugin, name=name)
+
+    records = load_entrypoints(register, pm.is_blocked, on_error=on_error)
+    pm._kdtoolkit_records = records
+    for record in records:
+        if record.status == "loaded":
+            _versions(pm)[record.name] = record.version
+
+
+def plugin_records(pm: pluggy.PluginManager) -> list[PluginRecord]:
+    """What became of each entry point (loaded, blocked, broken), then the plugins given in Python."""
+    records = list(getattr(pm, "_kdtoolkit_records", []))
+    known = {r.name for r in records}
+    extra = [PluginRecord(name, None, None) for name, _ in pm.list_name_plugin() if name not in known]
+    return records + extra
 
 
 def plugin_versions(pm: pluggy.PluginManager) -> dict[str, str | None]:
@@ -150,8 +178,12 @@ def _versions(pm: pluggy.PluginManager) -> dict[str, str]:
     return pm._kdtoolkit_versions
 
 
-def collect(pm: pluggy.PluginManager) -> Registry:
-    """Call every ``register_<kind>s`` hook and return the filled registry."""
+def collect(pm: pluggy.PluginManager, *, broken: dict[str, str] | None = None) -> Registry:
+    """Call every ``register_<kind>s`` hook and return the filled registry.
+
+    A hook that fails (or registers something invalid) raises ``PluginError`` naming its plugin; with
+    a ``broken`` dict (for listings) the error is recorded there by plugin name and the rest goes on.
+    """
     registry = Registry()
     for kind in KINDS:
         hook = getattr(pm.hook, HOOKS[kind])
@@ -176,10 +208,18 @@ def collect(pm: pluggy.PluginManager) -> Registry:
                     raise PluginError(f"plugin {_plugin!r}: {_kind} {name!r} factory is not callable")
                 if options is not None and not attrs.has(options):
                     raise PluginError(f"plugin {_plugin!r}: {_kind} {name!r} options must be an attrs class")
+                check_option_names(Component(_kind, name, factory, options, _plugin, description))  # option names first
                 contract = check_contract(_kind, name, factory, _plugin, kinds=KINDS, inputs=inputs, needs_labels=needs_labels, requires=requires)
                 registry.add(Component(_kind, name, factory, options, _plugin, description, **contract))
 
-            impl.function(**{"register": register})
+            try:
+                impl.function(**{"register": register})
+            except Exception as exc:  # noqa: BLE001 - a plugin's failure is reported as the plugin's
+                error = exc if isinstance(exc, PluginError) else PluginError(
+                    f"plugin {plugin_name!r}: {HOOKS[kind]} failed: {type(exc).__name__}: {exc}")
+                if broken is None:
+                    raise error from exc
+                broken.setdefault(plugin_name, str(error).splitlines()[0])
     return registry
 
 

@@ -11,7 +11,7 @@ import math
 import attrs
 
 import kdtoolkit
-from kdtoolkit.config.validators import FieldError, non_negative, positive
+from kdtoolkit.api import FieldError, non_negative, positive
 
 
 def _sorted_epochs(inst, attribute, value):

@@ -10,8 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+#: the plugin-author test kit: the fake_distribution fixture (kdtoolkit.testing)
+pytest_plugins = ["kdtoolkit.testing"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+#: where the shared offline data may be: beside the repository, or beside the worktrees' directory
+SHARED_DATA_DIRS = (SHARED_DATA, REPO.parents[1] / "shared" / "data")
 
 
 def _synthetic_cifar10(root: Path) -> Path:
@@ -38,42 +43,72 @@ def native_kernels_or_skip() -> None:
         pytest.skip(f"native quantizer kernels unavailable: {native.status()['reason']}")
 
 
-#: the three implementations of a first-party quantizer, see select_quant_path
-QUANT_PATHS = ["native", "aten", "compiler"]
+#: the eager implementations behind the first-party quantizer ops, see select_quant_path
+QUANT_PATHS = ["native", "aten"]
 
 
 def select_quant_path(path: str, plugin_module, monkeypatch) -> str:
-    """Make ``plugin_module``'s quantizers take one implementation: "native" (the fused C kernels),
-    "aten" (the eager ATen chain, native kernels off) or "compiler" (the plain math they use under
-    torch.compile)."""
+    """Make the quantizer ops (kdtoolkit.quant.ops) take one implementation: "native" (the fused C
+    kernels) or "aten" (the ATen implementation, native kernels off)."""
     from kdtoolkit.quant import native
 
     if path == "native":
         native_kernels_or_skip()
     elif path == "aten":
         monkeypatch.setattr(native, "supports", lambda *args: False)
-    elif path == "compiler":
-        monkeypatch.setattr(plugin_module, "compiler_math", lambda: True)
     else:
         raise ValueError(path)
     return path
 
 
+def _sample_as_cifar10(root: Path) -> Path:
+    """The embedded CIFAR-10 sample (dataset cifar10_sample) written in torchvision's layout."""
+    from kdtoolkit_plugins.datasets import build_cifar10_sample
+
+    splits = build_cifar10_sample()
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    train_rows = [f"data_batch_{i}" for i in range(1, 6)]
+    n = len(splits.train) // len(train_rows)
+    parts = [(name, splits.train, slice(i * n, (i + 1) * n)) for i, name in enumerate(train_rows)]
+    for name, split, rows in parts + [("test_batch", splits.test, slice(None))]:
+        data = split.images[rows].reshape(-1, 3072).numpy()
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data, "labels": split.labels[rows].tolist()}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                     "ship", "truck"]}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def registry():
+    """kdtoolkit's own plugins from an explicit module list, whatever else is installed."""
+    from kdtoolkit.testing import first_party_registry
+
+    return first_party_registry()
+
+
 @pytest.fixture(scope="session")
 def cifar10_root(tmp_path_factory) -> Path:
-    """The bit-exact CIFAR-10 subset from ../shared/data (5085 train / 1017 test), else synthetic."""
-    for candidate in (os.environ.get("KDTOOLKIT_TEST_CIFAR10"), SHARED_DATA / "cifar10-exact-subset"):
+    """Real CIFAR-10 images in torchvision's layout: $KDTOOLKIT_TEST_CIFAR10, else the bit-exact subset
+    from the shared data directory (5085 train / 1017 test), else the sample shipped with the package
+    (2500 / 1000), else synthetic."""
+    for candidate in (os.environ.get("KDTOOLKIT_TEST_CIFAR10"), *(d / "cifar10-exact-subset" for d in SHARED_DATA_DIRS)):
         if candidate and (Path(candidate) / "cifar-10-batches-py").is_dir():
             return Path(candidate)
-    return _synthetic_cifar10(tmp_path_factory.mktemp("cifar10"))
+    try:
+        return _sample_as_cifar10(tmp_path_factory.mktemp("cifar10_sample"))
+    except Exception:  # noqa: BLE001 - no sample installed: random pixels in the same layout
+        return _synthetic_cifar10(tmp_path_factory.mktemp("cifar10"))
 
 
 @pytest.fixture(scope="session")
 def cifar100_root() -> Path:
-    path = SHARED_DATA / "cifar100-exact-subset"
-    if not (path / "cifar-100-python").is_dir():
-        pytest.skip("CIFAR-100 subset not available")
-    return path
+    for path in (d / "cifar100-exact-subset" for d in SHARED_DATA_DIRS):
+        if (path / "cifar-100-python").is_dir():
+            return path
+    pytest.skip("CIFAR-100 subset not available")
 
 
 def tiny_pipeline(root: Path, run_dir: Path, *, epochs: int = 2, extra: str = "", model: str = "student", method: str = "supervised", losses: str | None = None) -> str:

@@ -75,7 +75,7 @@ def test_plugins_json_shape():
     rows = json.loads(r.output)
     assert isinstance(rows, list) and rows
     for row in rows:
-        assert set(row) == {"name", "version", "provides"}
+        assert set(row) == {"name", "version", "distribution", "status", "error", "provides", "components"}
         assert all(isinstance(v, list) for v in row["provides"].values())
     by_name = {row["name"]: row for row in rows}
     assert "wrn" in by_name["models"]["provides"]["model"]
@@ -107,3 +107,74 @@ def test_plot_fusion_writes_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = CliRunner().invoke(main, ["plot-fusion", str(tmp_path / "nothing"), "--out", str(out)])
     assert r.exit_code == 2 and "no metrics" in r.output
+
+
+BROKEN_SRC = "import kdtoolkit\nraise RuntimeError('boom at import')\n"
+BAD_REGISTER_SRC = """
+import attrs, kdtoolkit
+
+@attrs.frozen
+class Opts:
+    role: str = "x"
+
+@kdtoolkit.hookimpl
+def register_models(register):
+    register("clashing_model", lambda options, *, num_classes: None, options=Opts)
+"""
+GOOD_SRC = """
+import kdtoolkit
+
+@kdtoolkit.hookimpl
+def register_schedules(register):
+    register("flat", lambda options: (lambda epoch, total: 1.0), description="always 1")
+"""
+
+
+def test_plugins_lists_broken_and_blocked_plugins_and_the_rest(fake_distribution, monkeypatch):
+    """A broken plugin used to stop `kdtoolkit plugins` with an error (issue 9)."""
+    fake_distribution.install("kdtoolkit-broken", entry_points={"broken": "broken_mod"}, files={"broken_mod.py": BROKEN_SRC})
+    fake_distribution.install("kdtoolkit-badreg", entry_points={"badreg": "badreg_mod"}, files={"badreg_mod.py": BAD_REGISTER_SRC})
+    fake_distribution.install("kdtoolkit-typo", entry_points={"typo": "typo_mod"},
+                              files={"typo_mod.py": "import kdtoolkit\n@kdtoolkit.hookimpl\ndef register_loss(register):\n    pass\n"})
+    fake_distribution.install("kdtoolkit-flat", version="1.2", entry_points={"flat": "flat_mod", "off": "flat_mod"},
+                              files={"flat_mod.py": GOOD_SRC})
+    monkeypatch.setenv("KDTOOLKIT_BLOCK_PLUGINS", "off")
+    r = CliRunner().invoke(main, ["plugins"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "broken 0.1.0 (kdtoolkit-broken): broken: plugin 'broken' (from kdtoolkit-broken) failed to import: RuntimeError: boom at import. " \
+        "Block it with KDTOOLKIT_BLOCK_PLUGINS=broken or [plugins] blocked = [\"broken\"] in the pipeline" in lines
+    assert any(line.startswith("badreg 0.1.0 (kdtoolkit-badreg): broken: plugin 'badreg'") and "'role'" in line for line in lines)
+    assert "off 1.2 (kdtoolkit-flat): blocked" in lines
+    assert any(line.startswith("typo 0.1.0 (kdtoolkit-typo): broken: plugin 'typo'") and "register_loss" in line for line in lines)
+    assert "flat 1.2 (kdtoolkit-flat)" in lines and "  schedule: flat  always 1" in lines
+    assert any(line.startswith("  model: wrn ") for line in lines)  # the first-party plugins are still listed
+    rows = {row["name"]: row for row in json.loads(CliRunner().invoke(main, ["plugins", "--json"]).output)}
+    assert rows["broken"]["status"] == "broken" and "boom at import" in rows["broken"]["error"]
+    assert rows["off"]["status"] == "blocked" and rows["flat"]["provides"] == {"schedule": ["flat"]}
+    assert rows["flat"]["components"] == [{"kind": "schedule", "name": "flat", "description": "always 1"}]
+    r = CliRunner().invoke(main, ["describe", "schedule", "flat"])
+    assert r.exit_code == 0 and "always 1" in r.output
+
+
+def test_validate_still_refuses_a_broken_plugin(fake_distribution, tmp_path):
+    fake_distribution.install("kdtoolkit-broken", entry_points={"broken": "broken_mod"}, files={"broken_mod.py": BROKEN_SRC})
+    path = tmp_path / "ok.toml"
+    path.write_text(BAD.replace('"two"', "2").replace("widht", "width").replace('"cee"', '"ce"'))
+    r = CliRunner().invoke(main, ["validate", str(path)])
+    assert r.exit_code == 2 and "error: plugin 'broken' (from kdtoolkit-broken) failed to import" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_describe_shows_options_types_and_defaults():
+    r = CliRunner().invoke(main, ["describe", "model", "wrn"])
+    assert r.exit_code == 0, r.output
+    assert "model 'wrn' (plugin 'models')" in r.output
+    assert "  depth: an integer (default: 16)" in r.output
+    assert "generic keys of its table: name, role, frozen, checkpoint" in r.output
+    r = CliRunner().invoke(main, ["describe", "quantizer", "lsq"])
+    assert "  compute_dtype: one of 'input', 'float32' (default: 'input')" in r.output
+    r = CliRunner().invoke(main, ["describe", "loss", "cee"])
+    assert r.exit_code == 2 and "unknown loss 'cee' (did you mean 'ce'?)" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["describe", "los", "ce"])
+    assert r.exit_code == 2 and "did you mean 'loss'" in r.output

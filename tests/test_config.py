@@ -131,3 +131,33 @@ def test_python_construction_equals_toml(tmp_path):
 def test_python_construction_is_validated_too():
     found = problems(lambda: Pipeline(PipelineConfig(data=DataConfig(name="cifar10"), models={"student": ModelConfig(name="wrn", options={"depht": 16})})))
     assert "did you mean 'depth'" in found["models.student.depht"]
+
+
+def test_attrs_validators_print_one_clean_line(tmp_path):
+    """attrs' own validators (in_, used by lsq/hwgq) used to print as tuple reprs (issue 9)."""
+    import subprocess
+    import sys
+
+    text = GOOD.replace("width = 1", 'width = 1\nquantizer = { name = "lsq", weight_bits = 2, act_bits = 2, compute_dtype = "f32" }\nrole = "tutor"')
+    proc = subprocess.run([sys.executable, "-m", "kdtoolkit.cli", "validate", str(write(tmp_path, text))],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert "error: models.student.quantizer.compute_dtype: 'compute_dtype' must be in ('input', 'float32') (got 'f32')" in lines
+    assert "error: models.student.role: 'tutor' is not one of 'student', 'teacher'" in lines
+    assert "Attribute(" not in proc.stderr and len(lines) == 2
+
+
+def test_validators_of_one_table_all_reported(tmp_path):
+    """A bad value is reported even when another key of the same table is also wrong."""
+    text = GOOD.replace("epochs = 2", 'epochs = 0\neval_every = -1\nprecision = "fp8"\nseed = "x"')
+    found = problems(lambda: Pipeline.from_toml(write(tmp_path, text)))
+    assert set(found) == {"run.epochs", "run.eval_every", "run.precision", "run.seed"}
+    assert found["run.eval_every"] == "must be > 0, got -1"
+
+
+def test_plugin_validator_that_reads_the_instance(tmp_path):
+    """Validators that look at the instance run when the table is built, reported at their key."""
+    text = GOOD.replace('name = "cifar10"', 'name = "cifar10"\ntrain_size = 100\nfraction = 0.5')
+    found = problems(lambda: Pipeline.from_toml(write(tmp_path, text)))
+    assert "cannot be combined with train_size" in found["data.fraction"]

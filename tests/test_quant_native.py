@@ -8,13 +8,22 @@ also run on these kernels: see the ``math_path`` fixtures of test_quant_lsq.py /
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import native_kernels_or_skip
 
 from kdtoolkit.quant import native
+from kdtoolkit.quant.native import build
+from kdtoolkit.quant.native.build import NativeBuildError
 from kdtoolkit_plugins.quantizers.hwgq import A_STEP, HWGQActQuantizer, HWGQQuantizer
 from kdtoolkit_plugins.quantizers.lsq import LSQActQuantizer, LSQQuantizer
 
@@ -156,51 +165,173 @@ def test_quantized_model_uses_the_kernels_under_bf16_autocast(name, monkeypatch)
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
-@pytest.fixture
-def fresh_build_state(monkeypatch, tmp_path):
+def run_python(code: str, cache: Path, **env) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (fresh process state) with its kernel cache under ``cache``."""
+    environ = {**os.environ, "KDTOOLKIT_CACHE_DIR": str(cache), "KDTOOLKIT_NATIVE": "auto", **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environ, capture_output=True, text=True, timeout=600)
+
+
+def test_build_is_private_and_cached_by_key(tmp_path):
+    directory = tmp_path / "native"
+    path, compiled = build.build(directory=directory)
+    assert compiled and path.parent == directory
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    mtime = path.stat().st_mtime_ns
+    assert build.build(directory=directory) == (path, False)  # reused, not rebuilt
+    assert path.stat().st_mtime_ns == mtime
+
+
+def plant(directory: Path) -> Path:
+    """A library at the name the build would load from ``directory`` (a copy of a real build)."""
+    real, _ = build.build(directory=directory.parent / "private")
+    directory.mkdir(mode=0o700, exist_ok=True)
+    planted = directory / real.name
+    shutil.copy(real, planted)
+    return planted
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another uid needs root; the group-writable cases still run")
+def test_library_in_a_cache_owned_by_another_user_is_refused(tmp_path):
+    planted = plant(tmp_path / "native")
+    os.chown(planted.parent, 54321, 54321)
+    with pytest.raises(NativeBuildError, match="owned by uid 54321"):
+        build.build(directory=planted.parent)
+    os.chown(planted.parent, os.getuid(), os.getgid())
+    os.chown(planted, 54321, 54321)  # a private directory holding someone else's file
+    with pytest.raises(NativeBuildError, match="owned by uid 54321"):
+        build.build(directory=planted.parent)
+
+
+@pytest.mark.parametrize("what", ["directory", "file"])
+def test_group_or_world_writable_cache_is_refused(tmp_path, what):
+    planted = plant(tmp_path / "native")
+    os.chmod(planted.parent if what == "directory" else planted, 0o770 if what == "directory" else 0o666)
+    with pytest.raises(NativeBuildError, match="writable by group or others"):
+        build.build(directory=planted.parent)
+
+
+def test_refused_cache_means_aten_with_one_message_and_no_fallback_location(tmp_path):
+    """Through the process's loader: no other directory is tried, the quantizers still run (on ATen)."""
+    planted = plant(tmp_path / "native")
+    os.chmod(planted.parent, 0o777)
+    result = run_python(
+        """
+        import warnings, torch
+        from kdtoolkit.quant import native
+        from kdtoolkit_plugins.quantizers.lsq import LSQActQuantizer
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            LSQActQuantizer(4)(torch.rand(2, 3, 4, 4)).sum()
+            LSQActQuantizer(4)(torch.rand(2, 3, 4, 4)).sum()
+        print(len(caught), native.status())
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1 {'available': False") and "writable by group or others" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["native", "private"]  # nothing built elsewhere
+
+
+def test_two_processes_at_once_build_once(tmp_path):
+    code = """
+        from kdtoolkit.quant import native
+        print(native.prepare()["reason"])
+        """
+    environ = {**os.environ, "KDTOOLKIT_CACHE_DIR": str(tmp_path), "KDTOOLKIT_NATIVE": "require"}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=environ, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    reasons = sorted(out.strip().split()[0] for out, _ in outputs)
+    assert reasons == ["built", "loaded"]
+    assert len(list((tmp_path / "native").glob("kdq-*.so"))) == 1
+
+
+def test_require_stays_failed_after_status(tmp_path):
+    result = run_python(
+        """
+        import torch
+        from kdtoolkit.quant import native
+        from kdtoolkit_plugins.quantizers.lsq import LSQActQuantizer
+        for attempt in range(2):
+            try:
+                native.library()
+                print("no error")
+            except native.NativeBuildError as exc:
+                print("raised:", "required" in str(exc), "no C compiler" in str(exc))
+            print(native.status()["available"])
+        try:
+            LSQActQuantizer(4)(torch.rand(2, 3, 4, 4))
+            print("quantizer ran")
+        except native.NativeBuildError:
+            print("quantizer raised")
+        """,
+        tmp_path, KDTOOLKIT_NATIVE="require", CC=str(tmp_path / "no-such-cc"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:5] == ["raised: True True", "False", "raised: True True", "False", "quantizer raised"]
+
+
+def test_status_reports_without_compiling(tmp_path):
+    result = run_python(
+        """
+        import kdtoolkit.plugins, kdtoolkit_plugins.quantizers.lsq, kdtoolkit_plugins.quantizers.hwgq
+        from kdtoolkit.quant import native
+        print(native.status())
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'tried': False" in result.stdout and "not built yet" in result.stdout
+    assert not (tmp_path / "native").exists()
+
+
+def test_no_compiler_or_other_platform_falls_back_with_one_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("KDTOOLKIT_CACHE_DIR", str(tmp_path))
-    native._reset_for_tests()
-    yield tmp_path
-    native._reset_for_tests()
+    for setting, message in (("CC", "no C compiler"), ("platform", "built on Linux only")):
+        if setting == "CC":
+            monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        else:
+            monkeypatch.delenv("CC")
+            monkeypatch.setattr(build.platform, "system", lambda: "Darwin")
+        loader = native._Loader()  # a fresh process's loader
+        with pytest.warns(RuntimeWarning, match=message):
+            assert loader.get() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert loader.get() is None  # said once
+        assert message in loader.reason
+    assert not (tmp_path / "native").exists()
 
 
-def test_build_is_cached_by_key(fresh_build_state, monkeypatch):
-    monkeypatch.setenv("KDTOOLKIT_NATIVE", "auto")
-    assert native.library() is not None
-    (built,) = (fresh_build_state / "native").glob("kdq-*.so")
-    mtime = built.stat().st_mtime_ns
-    native._reset_for_tests()
-    assert native.library() is not None and native.status()["reason"] == f"loaded from {built}"
-    assert built.stat().st_mtime_ns == mtime  # reused, not rebuilt
-
-
-def test_no_compiler_falls_back_with_one_warning(fresh_build_state, monkeypatch):
-    monkeypatch.setenv("KDTOOLKIT_NATIVE", "auto")
-    monkeypatch.setenv("CC", str(fresh_build_state / "no-such-cc"))
-    with pytest.warns(RuntimeWarning, match="fused quantizer kernels unavailable"):
-        assert native.library() is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert native.library() is None  # said once
-        x = torch.rand(2, 3, 4, 4)
-        assert not native.supports(x)
-        q = HWGQActQuantizer(2)
-        torch.testing.assert_close(q(x), torch.clamp(torch.round(x / A_STEP[2]), 1, 3) * A_STEP[2])
-    assert not native.status()["available"] and "no C compiler" in native.status()["reason"]
-
-
-def test_turned_off_and_required(fresh_build_state, monkeypatch):
-    monkeypatch.setenv("KDTOOLKIT_NATIVE", "0")
-    assert native.library() is None and "turned off" in native.status()["reason"]
-    native._reset_for_tests()
-    monkeypatch.setenv("KDTOOLKIT_NATIVE", "require")
-    monkeypatch.setenv("CC", str(fresh_build_state / "no-such-cc"))
-    with pytest.raises(native.NativeBuildError, match="required"):
-        native.library()
-    native._reset_for_tests()
-    monkeypatch.setenv("CC", "cc")
-    bad = fresh_build_state / "broken.c"
+def test_a_compiler_error_is_reported(tmp_path):
+    bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(native, "SOURCE", bad)
-    with pytest.raises(native.NativeBuildError, match="failed"):
-        native.library()
+    with pytest.raises(NativeBuildError, match="failed"):
+        build.build(source=bad, directory=tmp_path / "native")
+
+
+@pytest.mark.parametrize("compiler", ["gcc", "clang"])
+def test_gcc_and_clang_build_kernels_with_the_same_numbers(compiler, tmp_path):
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is not installed")
+    result = run_python(
+        """
+        import torch
+        from kdtoolkit.quant import native, ops
+        x = torch.randn(1 << 16) * 2
+        step = torch.tensor(0.37)
+        dy = torch.randn_like(x)
+        y = ops.lsq_forward(x, step, 0, 15, 0.01)
+        dx, ds = ops.lsq_backward(dy, x, step, 0, 15, 0.01)
+        with native.disabled():
+            y_ref = ops.lsq_forward(x, step, 0, 15, 0.01)
+            dx_ref, ds_ref = ops.lsq_backward(dy, x, step, 0, 15, 0.01)
+        print(native.status()["reason"].split()[0], torch.equal(y, y_ref), torch.equal(dx, dx_ref),
+              abs(ds.item() - ds_ref.item()) <= 1e-6 * abs(ds_ref.item()))
+        """,
+        tmp_path, CC=compiler, KDTOOLKIT_NATIVE="require",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["built", "True", "True", "True"]

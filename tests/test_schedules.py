@@ -4,13 +4,7 @@ import math
 
 import pytest
 
-from kdtoolkit.plugins import load_registry
 from kdtoolkit.config.load import make_converter
-
-
-@pytest.fixture(scope="module")
-def registry():
-    return load_registry()
 
 
 def make(registry, name, **options):

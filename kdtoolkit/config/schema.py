@@ -19,6 +19,16 @@ from kdtoolkit.config.validators import positive as _positive
 from kdtoolkit.quant.model import LayerOverride  # the one per-layer bit-width rule: ``overrides`` entries
 
 
+def _tensorboard_check(attribute, value) -> None:
+    from kdtoolkit.config.validators import FieldError
+
+    if value:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise FieldError(attribute.name, "needs the tensorboard package: pip install 'kdtoolkit[tensorboard]'") from None
+
+
 # --- component tables ---------------------------------------------------------------------------
 
 
@@ -59,7 +69,10 @@ class DataConfig:
     name: str
     root: Optional[str] = None
     download: bool = False
+    #: the global batch of one optimizer step: with N processes (torchrun) each takes batch_size / N,
+    #: so a pipeline trains the same on any number of processes (see README "Several GPUs and machines")
     batch_size: int = attrs.field(default=128, validator=_positive)
+    #: global too: each of N processes evaluates ceil(eval_batch_size / N) at a time
     eval_batch_size: int = attrs.field(default=512, validator=_positive)
     augment: bool = True
     num_workers: int = attrs.field(default=0, validator=_non_negative)
@@ -134,6 +147,11 @@ class RunConfig:
     best_metric: Optional[str] = None  # e.g. "test/student/top1"; default: the student's top-1
     #: "reuse": glibc malloc keeps freed tensor memory (no page faults per step; kdtoolkit.engine.memory)
     host_memory: Literal["reuse", "system"] = "reuse"
+    #: with several processes (torchrun): "sync" normalises each BatchNorm over the global batch (the
+    #: result of one process), "local" over each process's share (no communication; the usual DDP)
+    batchnorm: Literal["local", "sync"] = "local"
+    #: also write TensorBoard event files to RUN_DIR/tensorboard (needs .[tensorboard]; kdtoolkit.tensorboard_log)
+    tensorboard: bool = attrs.field(default=False, validator=lambda inst, attr, value: _tensorboard_check(attr, value))
 
 
 @attrs.frozen
@@ -213,3 +231,11 @@ COMPONENT_KINDS: dict[type, str] = {
     FusionConfig: "fusion",
     ScheduleConfig: "schedule",
 }
+
+#: registry kind -> the config class of a table that names such a component
+KIND_CONFIGS: dict[str, type] = {kind: cls for cls, kind in COMPONENT_KINDS.items()}
+
+
+def generic_keys(cls: type) -> list[str]:
+    """The keys of a component table that the core reads (everything but the plugin's options)."""
+    return [f.name for f in attrs.fields(cls) if f.name != "options"]

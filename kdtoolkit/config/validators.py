@@ -1,7 +1,8 @@
-"""attrs validators for options classes whose errors point at the offending key.
+"""attrs validators for options classes (published in ``kdtoolkit.api``).
 
-A plain ``ValueError`` raised by a validator is reported at the table's path; these raise
-``FieldError`` so the message names the key (``models.student.depth: must be 6n+4``).
+Any field validator's error (these, attrs' own ``in_``/``instance_of``, or a plain ``ValueError``)
+is reported at its key as one line: ``models.student.depth: must be > 0, got 0``. Checks across keys
+(in ``__attrs_post_init__``) raise ``FieldError(key, message)`` to name the key they blame.
 """
 
 from __future__ import annotations

@@ -161,12 +161,15 @@ class InMemoryLoader:
         images, labels = self._gather(batch_indices)
         if self.augment:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, index))
+            # drawn for the whole global batch, this rank taking its positions (see EpochSampler):
+            # a sample gets the same crop and flip whatever the number of processes
+            share, rank = getattr(self.sampler, "world_size", 1), getattr(self.sampler, "rank", 0)
             n = batch_indices.shape[0]
             if self.padding:
-                offsets = crop_offsets(n, self.padding, generator)
+                offsets = crop_offsets(n * share, self.padding, generator)[rank::share]
             else:
                 offsets = torch.zeros(n, 2, dtype=torch.int64)
-            flips = flip_mask(n, generator)
+            flips = flip_mask(n * share, generator)[rank::share]
             images = crop(images, offsets, self.padding, padding_mode=self.padding_mode, flips=flips)
         return self._to_float(images), labels
 

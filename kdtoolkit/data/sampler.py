@@ -29,11 +29,17 @@ class EpochSampler:
     ``torch.utils.data.DistributedSampler`` does: with ``drop_last`` the tail that does not divide
     evenly is dropped, otherwise the order is padded with its own first indices so every rank gets
     ``ceil(n / world_size)``. (``drop_last`` here is about ranks; the loader drops incomplete
-    batches.)
+    batches.) ``pad=False`` (evaluation) neither pads nor drops: rank ``r`` takes
+    ``indices[r::world_size]``, so every sample is seen exactly once over the ranks.
+
+    With ``world_size`` ranks and a per-rank batch of ``B``, batch ``b`` of all ranks together is
+    batch ``b`` of one process with a batch of ``world_size * B`` (rank ``r`` holds its positions
+    ``r, r + world_size, ...``): the same samples per optimizer step whatever the number of ranks.
     """
 
     def __init__(
-        self, n: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1
+        self, n: int, *, shuffle: bool, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+        pad: bool = True,
     ):
         if n < 0:
             raise ValueError(f"EpochSampler: n must be >= 0, got {n}")
@@ -49,8 +55,11 @@ class EpochSampler:
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.pad = pad
         self.epoch = 0
-        if drop_last:
+        if not pad:
+            self.num_samples = len(range(rank, n, world_size))
+        elif drop_last:
             self.num_samples = n // world_size
         else:
             self.num_samples = math.ceil(n / world_size)
@@ -66,6 +75,8 @@ class EpochSampler:
             order = torch.randperm(self.n, generator=generator)
         else:
             order = torch.arange(self.n)
+        if not self.pad:
+            return order[self.rank :: self.world_size]
         if self.total_size > self.n:  # pad by repeating the order from its start
             reps = math.ceil(self.total_size / max(self.n, 1))
             order = order.repeat(reps)

@@ -26,25 +26,7 @@ def resolve_checkpoint_file(location: str) -> Path:
 
 
 def load_pretrained(model: nn.Module, spec: ModelConfig, name: str) -> None:
-    """Load ``spec.checkpoint`` into ``model`` (a quantized model accepts float weights: warm start)."""
-    from kdtoolkit.engine.checkpoint import Checkpoint
+    """Load ``spec.checkpoint`` into ``model``: every weight format (``kdtoolkit.weights``)."""
+    from kdtoolkit.weights import load_pretrained_weights
 
-    try:
-        ckpt = Checkpoint(resolve_checkpoint_file(spec.checkpoint))
-        source = spec.checkpoint_model or ckpt.meta.get("student") or name
-        state = ckpt.model_state(source)
-    except CheckpointError as exc:
-        raise CheckpointError(f"models.{name}.checkpoint: {exc}") from None
-    try:
-        if spec.quantizer is not None:
-            from kdtoolkit.quant import load_float_state_dict
-
-            try:
-                model.load_state_dict(state)
-            except RuntimeError:
-                load_float_state_dict(model, state)
-        else:
-            model.load_state_dict(state)
-    except (RuntimeError, KeyError) as exc:
-        message = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).splitlines()[0]
-        raise CheckpointError(f"models.{name}.checkpoint: weights of {source!r} in {ckpt.path} do not fit this model: {message}") from None
+    load_pretrained_weights(model, spec, name)

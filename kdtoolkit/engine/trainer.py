@@ -8,7 +8,6 @@ only when a progress line is drawn or the epoch ends, so the loop adds no host-d
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,12 +16,13 @@ from typing import Any, Iterable
 import torch
 
 from kdtoolkit.engine.assemble import Built
-from kdtoolkit.engine.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from kdtoolkit.engine.checkpoint import Checkpoint, save_checkpoint
 from kdtoolkit.engine.checks import best_metric
-from kdtoolkit.engine.distributed import DistInfo
+from kdtoolkit.engine.distributed import DistInfo, DistributedStep, reduce_epoch, reduce_sums, sync_from_main
 from kdtoolkit.engine.output import MetricsWriter, ProgressBar, progress_enabled
 from kdtoolkit.errors import CheckpointError
 from kdtoolkit.methods import Progress
+from kdtoolkit.tensorboard_log import log_metrics_row
 
 
 def autocast(device: torch.device, precision: str):
@@ -33,15 +33,19 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool = False, max_steps: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy of every evaluated model."""
+def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool | str = False, max_steps: int | None = None,
+             stream=None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy of every evaluated model. With several
+    processes each evaluates its shard of the test split with rank 0's weights and the counts are
+    summed over them (top-1/top-5 exactly those of one process)."""
+    sync_from_main(built.module)
     built.module.eval()
     correct1: dict[str, torch.Tensor] = {}
     correct5: dict[str, torch.Tensor] = {}
     loss_sum: dict[str, torch.Tensor] = {}
     seen = 0
     total = len(loader) if max_steps is None else min(len(loader), max_steps)
-    bar = ProgressBar(total, "eval ", enabled=progress)
+    bar = ProgressBar(total, "eval ", enabled=progress, stream=stream or sys.stderr)
     for step, (images, labels) in enumerate(loader):
         if step >= total:
             break
@@ -58,6 +62,12 @@ def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool =
         seen += labels.shape[0]
         bar.update(1)
     bar.close()
+    counts = {f"{kind}/{name}": d[name] for kind, d in (("top1", correct1), ("top5", correct5)) for name in d}
+    counts = {k: v.long() for k, v in reduce_sums({**counts, "seen": seen}, dtype=torch.int64).items()}
+    loss_sum = {n: v.item() for n, v in reduce_sums(loss_sum).items()}
+    correct1 = {name: counts[f"top1/{name}"] for name in correct1}
+    correct5 = {name: counts[f"top5/{name}"] for name in correct5}
+    seen = int(counts["seen"])
     out: dict[str, float] = {}
     for name in correct1:
         out[f"test/{name}/top1"] = 100.0 * float(correct1[name]) / seen
@@ -86,7 +96,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.cfg.run.precision == "fp16" else None
         self.metrics = MetricsWriter(self.run_dir, self.cfg.run.metrics_format)
         self.best_metric = best_metric(self.cfg)
-        self.show = progress_enabled(self.cfg.run.progress, stream) and dist.is_main
+        self.show = dist.is_main and progress_enabled(self.cfg.run.progress, stream)  # "bar", "lines" or falsy
+        self.training_step = DistributedStep(built, dist, self.cfg.run.batchnorm)  # the method's, under DDP with N processes
 
     @property
     def last_path(self) -> Path:
@@ -133,7 +144,7 @@ class Trainer:
             row = self.train_epoch(epoch, global_step)
             global_step = row["step"]
             if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.run.epochs:
-                row.update(evaluate(self.built, self.test_loader, precision=cfg.run.precision, progress=self.show))
+                row.update(evaluate(self.built, self.test_loader, precision=cfg.run.precision, progress=self.show, stream=self.stream))
             value = row.get(self.best_metric)
             improved = value is not None and (best is None or value > best["value"])
             if improved:
@@ -141,6 +152,7 @@ class Trainer:
             if self.dist.is_main:
                 self.save(epoch + 1, global_step, best, row, improved)
                 self.metrics.write(row)
+                log_metrics_row(self.run_dir, row, enabled=cfg.run.tensorboard)
                 self._print_row(row)
             last_row = row
         return {"last": last_row, "best": best, "run_dir": str(self.run_dir)}
@@ -154,7 +166,8 @@ class Trainer:
         if cfg.run.max_steps_per_epoch:
             steps = min(steps, cfg.run.max_steps_per_epoch)
         sums: dict[str, torch.Tensor] = {}
-        bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.run.epochs}", enabled=self.show, stream=self.stream)
+        bar = ProgressBar(steps, f"epoch {epoch + 1}/{cfg.run.epochs}", enabled=self.show, stream=self.stream,
+                          images_per_step=cfg.data.batch_size, steps_after=(cfg.run.epochs - epoch - 1) * steps)
         images_seen = 0
         start = time.perf_counter()
         lr = self._set_lr(float(epoch))
@@ -165,7 +178,7 @@ class Trainer:
             progress = Progress(epoch, step, steps, cfg.run.epochs)
             lr = self._set_lr(progress.epoch_float)
             with autocast(built.device, cfg.run.precision):
-                terms = built.method.training_step(images, labels, progress)
+                terms = self.training_step(images, labels, progress)
             loss = sum(terms.values())
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -183,6 +196,7 @@ class Trainer:
             bar.update(1, postfix=lambda: " ".join(f"{k}={float(v) / n:.4f}" for k, v in sums.items()))
         bar.close(postfix=lambda: " ".join(f"{k}={float(v) / max(n, 1):.4f}" for k, v in sums.items()))
         seconds = time.perf_counter() - start
+        sums, images_seen = reduce_epoch(sums, images_seen)  # means and counts over every process
         row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step + n, "lr": lr}
         row.update({f"train/loss/{k}": float(v) / max(n, 1) for k, v in sums.items()})
         row["train/images_per_s"] = images_seen / seconds if seconds > 0 else 0.0
@@ -206,7 +220,8 @@ class Trainer:
         }
         save_checkpoint(self.last_path, self.built.module, optimizer=self.optimizer, meta=meta)
         if improved:
-            atomic_write(self.best_path, lambda tmp: shutil.copyfile(self.last_path, tmp))
+            # what evaluation and warm starts need: the weights and the run's record, no optimizer state
+            save_checkpoint(self.best_path, self.built.module, optimizer=None, meta=meta, include_rng=False)
 
     def _print_row(self, row: dict) -> None:
         keys = [k for k in row if k.startswith("test/") and not k.endswith("/loss")]

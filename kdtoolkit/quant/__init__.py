@@ -5,20 +5,10 @@
 * Quantizers come from plugins (``register_quantizers``; first-party: ``hwgq``, ``lsq``); the
   protocol they implement is :class:`Quantizer` (see :mod:`kdtoolkit.quant.base`).
 * :func:`export_quantized` / :func:`load_exported` write and read bit-packed safetensors files.
-* :mod:`kdtoolkit.quant.native` and :mod:`kdtoolkit.quant.functional` hold the building blocks of
-  fast fake-quantizers.
-
-How the first-party quantizers are made fast (a fake-quantizer costs memory traffic, not
-arithmetic): each is a custom ``torch.autograd.Function`` with three implementations of the same
-formulas, chosen per call without reading any tensor value on the host:
-
-* on the CPU, :mod:`kdtoolkit.quant.native`: fused C kernels (LSQ forward, LSQ backward with the
-  step gradient, HWGQ activation forward), one OpenMP pass each, compiled on first use;
-* elsewhere (CUDA, float16, non-dense tensors, no C compiler) chains of fused ATen kernels: one
-  new tensor plus in-place passes, ``hardtanh_backward`` with exact constant bounds for the
-  straight-through mask, fused reductions for LSQ's step gradient (:mod:`kdtoolkit.quant.functional`);
-* under ``torch.compile`` the plain formula (``where``/comparisons/``sum``), which the compiler
-  fuses with the neighbouring BN/ReLU.
+* :mod:`kdtoolkit.quant.ops` holds the first-party quantizers' arithmetic as ``torch.library``
+  custom ops (one definition of the numbers; visible to the profiler, ``torch.compile`` and
+  ``torch.export``); behind them, on the CPU, the fused C kernels of :mod:`kdtoolkit.quant.native`
+  where they apply, else ATen (CUDA, per-channel steps, strided tensors, no compiler).
 
 No host syncs: steps and ``std(W)`` stay on the device; LSQ's first-batch initialisation is a
 ``where`` on the device.

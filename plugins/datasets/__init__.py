@@ -11,10 +11,10 @@ from typing import Optional
 import attrs
 
 import kdtoolkit
-from kdtoolkit.config.validators import FieldError, check, one_of, positive
+from kdtoolkit.api import FieldError, check, one_of, positive
 
 __all__ = [
-    "CifarOptions", "ImageFolderOptions", "SVHNOptions", "build_cifar10", "build_cifar100",
+    "CifarOptions", "ImageFolderOptions", "SVHNOptions", "build_cifar10", "build_cifar100", "build_cifar10_sample",
     "build_imagefolder", "build_svhn", "register_datasets",
 ]
 
@@ -105,6 +105,12 @@ def build_cifar100(options: CifarOptions | None = None, *, root, download: bool 
     return load_cifar("cifar100", options or CifarOptions(), root=root, download=download)
 
 
+def build_cifar10_sample(options: CifarOptions | None = None, *, root=None, download: bool = False):
+    from kdtoolkit_plugins.datasets.cifar10_sample import load_cifar10_sample
+
+    return load_cifar10_sample(options or CifarOptions())  # shipped with the package: no root, no download
+
+
 def build_svhn(options: SVHNOptions | None = None, *, root, download: bool = False):
     from kdtoolkit_plugins.datasets.svhn import load_svhn
 
@@ -121,6 +127,8 @@ def build_imagefolder(options: ImageFolderOptions | None = None, *, root, downlo
 def register_datasets(register):
     register("cifar10", build_cifar10, options=CifarOptions,
              description="CIFAR-10 (Krizhevsky 2009), 32x32, 10 classes; in memory")
+    register("cifar10_sample", build_cifar10_sample, options=CifarOptions,
+             description="2500 train / 1000 test CIFAR-10 images shipped with kdtoolkit (bit-exact); offline")
     register("cifar100", build_cifar100, options=CifarOptions,
              description="CIFAR-100 (Krizhevsky 2009), 32x32, 100 classes; in memory")
     register("svhn", build_svhn, options=SVHNOptions,

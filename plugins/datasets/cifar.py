@@ -16,8 +16,7 @@ import pickle
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from kdtoolkit.data.types import DatasetSplits, TensorSplit
-from kdtoolkit.errors import ConfigError
+from kdtoolkit.api import ConfigError, DatasetSplits, TensorSplit
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "LocalCIFAR10", "LocalCIFAR100",
@@ -76,6 +75,28 @@ def _missing_files(cls, root: pathlib.Path) -> list[str]:
     return [name for name in names if not (base / name).is_file()]
 
 
+def _missing_parents(root: pathlib.Path) -> list[pathlib.Path]:
+    """``root`` and its ancestors that do not exist yet, deepest first (a download creates them)."""
+    missing = []
+    for path in (root, *root.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(paths: list[pathlib.Path]) -> None:
+    """Remove the directories a failed download created, deepest first, while they are empty."""
+    for path in paths:
+        for leftover in sorted(path.rglob("*"), reverse=True) if path.is_dir() else []:
+            if leftover.is_dir() and not any(leftover.iterdir()):
+                leftover.rmdir()
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty (or gone): keep it and its parents
+
+
 def _to_split(dataset) -> TensorSplit:
     # torchvision holds NHWC uint8; one permute to NCHW, made contiguous for fast row gathers.
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
@@ -115,13 +136,18 @@ def load_cifar(name: str, options, *, root: pathlib.Path, download: bool) -> Dat
                 f"{name}: {what}; set data.root or $KDTOOLKIT_DATA to the directory that holds "
                 f"{cls.base_folder}/, or set data.download = true"
             )
+    created = _missing_parents(root) if download else []
     try:
         train = _to_split(cls(str(root), train=True, download=download))
         test = _to_split(cls(str(root), train=False, download=False))
     except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted"
         raise ConfigError(f"{name}: could not load {root / cls.base_folder}: {exc}") from exc
     except OSError as exc:  # a failed download (URLError is an OSError)
-        raise ConfigError(f"{name}: download to {root} failed: {exc}") from exc
+        _remove_empty(created)
+        raise ConfigError(
+            f"{name}: download to {root} failed ({exc}); offline, put {cls.base_folder}/ under a directory "
+            f"and set $KDTOOLKIT_DATA or data.root to it (or use the shipped sample: data.name = \"cifar10_sample\")"
+        ) from exc
     train_size = options.train_size
     if options.fraction != 1.0:
         train_size = fraction_size(len(train), options.fraction)

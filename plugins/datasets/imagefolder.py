@@ -18,8 +18,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader
 
-from kdtoolkit.data.types import DatasetSplits, TensorSplit
-from kdtoolkit.errors import ConfigError
+from kdtoolkit.api import ConfigError, DatasetSplits, TensorSplit
 from kdtoolkit_plugins.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [

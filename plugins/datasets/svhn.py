@@ -14,8 +14,7 @@ import pathlib
 import torch
 from torchvision.datasets import SVHN
 
-from kdtoolkit.data.types import DatasetSplits, TensorSplit
-from kdtoolkit.errors import ConfigError
+from kdtoolkit.api import ConfigError, DatasetSplits, TensorSplit
 from kdtoolkit_plugins.datasets.cifar import fraction_size, subset
 
 __all__ = ["SVHN_MEAN", "SVHN_STD", "LocalSVHN", "load_svhn"]

@@ -9,12 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def positive(instance, attribute, value) -> None:
-    """attrs validator: the value must be > 0."""
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
-
-
 def as_list(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
     """A tensor or a list/tuple of tensors, as a list (one entry per layer pair or network)."""
     return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtoolkit_plugins.losses._util import as_shape_list, pairs, positive
+from kdtoolkit.api import positive
+from kdtoolkit_plugins.losses._util import as_shape_list, pairs
 
 FORMS = ("reference", "paper")
 

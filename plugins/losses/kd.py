@@ -6,7 +6,8 @@ import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtoolkit_plugins.losses._util import positive, soft_kl
+from kdtoolkit.api import positive
+from kdtoolkit_plugins.losses._util import soft_kl
 
 
 @attrs.frozen

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtoolkit_plugins.losses._util import check_logits_list, positive, soft_kl
+from kdtoolkit.api import positive
+from kdtoolkit_plugins.losses._util import check_logits_list, soft_kl
 
 
 @attrs.frozen

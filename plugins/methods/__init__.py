@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import kdtoolkit
-from kdtoolkit.config.schema import LossConfig
-from kdtoolkit.methods import LossTermsMethod
+from kdtoolkit.api import LossConfig, LossTermsMethod
 
 
 class Supervised(LossTermsMethod):

@@ -56,11 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdtoolkit
-from kdtoolkit.config.validators import FieldError, non_negative, one_of, positive
-from kdtoolkit.errors import ConfigError
-from kdtoolkit.losses import call_loss
-from kdtoolkit.methods import Method, MethodContext, Progress
-from kdtoolkit.staging import as_staged
+from kdtoolkit.api import ConfigError, FieldError, Method, MethodContext, Progress, as_staged, call_loss, non_negative, one_of, positive
 
 __all__ = ["CMTKD", "CMTKDOptions", "COMBINED", "DEFAULT_GAMMA", "register_methods"]
 

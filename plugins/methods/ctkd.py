@@ -19,11 +19,9 @@ import attrs
 from torch import nn
 
 import kdtoolkit
-from kdtoolkit.config.schema import LossConfig, PipelineConfig
-from kdtoolkit.config.validators import non_negative, one_of
-from kdtoolkit.errors import ConfigError
-from kdtoolkit.features import resolve_module
-from kdtoolkit.methods import LossTermsMethod, MethodContext
+from kdtoolkit.api import (
+    ConfigError, LossConfig, LossTermsMethod, MethodContext, PipelineConfig, non_negative, one_of, resolve_module,
+)
 
 __all__ = ["CTKD", "CTKDOptions", "register_methods"]
 

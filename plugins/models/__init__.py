@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 
 import kdtoolkit
-from kdtoolkit.config.validators import FieldError, check, in_range, one_of, positive
+from kdtoolkit.api import FieldError, check, in_range, one_of, positive
 
 __all__ = [
     "AlexNetOptions", "CifarResNetOptions", "TorchvisionOptions", "WRNOptions", "build_alexnet_bn",

@@ -14,16 +14,12 @@ Weights: mid-rise uniform grid ``±Δ/2, ±3Δ/2, …, ±(2^(b−1) − ½)Δ`` 
 
 Steps: MSE-optimal uniform steps for a unit Gaussian (the project's METHODS.md, "Quantizers").
 
-Speed: custom autograd functions with constant (Python number) arguments, so no host sync. On the
-CPU the activation forward is one fused pass (:mod:`kdtoolkit.quant.native`, computing ``x/Δ`` in
-float32 for bf16 inputs); elsewhere it is ``div`` (the one new tensor) then ``round_, clamp_, mul_``
-and, for "caffe", ``threshold_backward`` (zero where ``x <= 0``) in place. The backward is one
-fused kernel (``hardtanh_backward`` with the exact clip bounds). Under ``torch.compile`` the same function uses
-plain ``where``/comparison math instead, which the compiler fuses (the in-place chain fuses badly).
-Weights: the std stays a device tensor.
-Under bf16 autocast the activation quantizer keeps bf16 (``compute_dtype="input"``: the native
-kernel divides in float32; the ATen and compiled paths round ``x/Δ`` to 8 significant bits before
-``round``) or upcasts to float32 (``"float32"``).
+Numbers and speed: the activation quantizer is the custom op ``kdtoolkit::hwgq_forward``
+(:mod:`kdtoolkit.quant.ops`): ``x/Δ`` and the level in float32 whatever the input dtype (bf16 stays
+bf16 only in memory); on the CPU one fused C pass, elsewhere ATen; its backward is one fused kernel
+(``hardtanh_backward`` with the exact clip bounds). ``torch.compile``/``torch.export`` see one op.
+Weights: the std stays a device tensor (no host sync). ``compute_dtype="float32"`` upcasts the
+activation before the op and casts back (the same levels, more memory traffic).
 """
 
 from __future__ import annotations
@@ -33,15 +29,7 @@ import torch
 from torch import nn
 
 import kdtoolkit
-from kdtoolkit.quant import native
-from kdtoolkit.quant.base import QuantizedWeight, bits_validator
-from kdtoolkit.quant.functional import (
-    compiler_math,
-    grad_in_range,
-    in_compute_dtype,
-    in_range,
-    zero_where_nonpositive,
-)
+from kdtoolkit.api import QuantizedWeight, bits_validator, in_compute_dtype, ops
 
 #: MSE-optimal uniform step for N(0, 1) weights, by bit-width (symmetric, 2^b levels)
 W_STEP = {1: 1.5958, 2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041, 7: 0.0569, 8: 0.0308}
@@ -61,32 +49,6 @@ class HWGQOptions:
     binary_weights: str = attrs.field(default="std", validator=attrs.validators.in_(("std", "mean_abs")))
     #: "input": compute in the activation's dtype (bf16 under autocast) | "float32": upcast, cast back
     compute_dtype: str = attrs.field(default="input", validator=attrs.validators.in_(("input", "float32")))
-
-
-class _HWGQActFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, step: float, levels: int, caffe: bool):
-        ctx.save_for_backward(x)
-        ctx.clip = levels * step
-        ctx.compiled = compiler_math()
-        if ctx.compiled:  # plain math: torch.compile fuses it into one loop
-            k = torch.clamp(torch.round(x / step), 1 if caffe else 0, levels)
-            return torch.where(x > 0, k * step, 0.0) if caffe else k * step
-        if native.supports(x):  # one fused pass (kdtoolkit.quant.native)
-            return native.hwgq_forward(x, step, 1 if caffe else 0, levels, caffe)
-        # eager ATen: one new tensor, then in-place passes; y = step * clamp(round(x / step), 1 or 0, levels)
-        y = torch.div(x, step).round_().clamp_(1 if caffe else 0, levels).mul_(step)
-        if caffe:
-            zero_where_nonpositive(y, x, inplace=True)  # 0 where x <= 0
-        # (where(x > 0, Δ·k, 0) in one pass through elu_backward(alpha=0) measured slower: it computes exp)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        if ctx.compiled:
-            return torch.where(in_range(x, 0.0, ctx.clip, lo_inclusive=False), dy, 0.0), None, None, None
-        return grad_in_range(dy, x, 0.0, ctx.clip, lo_inclusive=False, hi_inclusive=True), None, None, None
 
 
 class _STEWeightFunction(torch.autograd.Function):
@@ -116,7 +78,8 @@ class HWGQActQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = in_compute_dtype(x, self.compute_dtype)
-        y = _HWGQActFunction.apply(xc, self.step, self.levels, self.rounding == "caffe")
+        caffe = self.rounding == "caffe"
+        y = ops.hwgq_forward(xc, self.step, 1 if caffe else 0, self.levels, caffe)
         return y if xc is x else y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -25,24 +25,13 @@ again so that a loaded step is kept (the ``where``) rather than overwritten. ``r
 re-init from the next batch, ``initialize(x)`` does it now from ``x``. (With DDP, initialise
 before wrapping, or every rank keeps its own first-batch step.)
 
-**Speed.** On the CPU, per-tensor steps run the fused kernels of :mod:`kdtoolkit.quant.native`:
-the forward is one pass, the backward one pass giving the input gradient and the step gradient
-together (float block sums, then float64). Elsewhere (CUDA, per-channel steps, non-dense tensors, no C
-compiler) the ATen chain: forward ``div, clamp_, round_, mul_`` (one new tensor, the output);
-backward ``t = x/s`` into a temporary, the in-range gradient written over it in one fused kernel
-(``hardtanh_backward``), and the step gradient from two fused reductions without temporaries,
-``∂L/∂s = g·(⟨dy, v̂⟩ − ⟨dx, v⟩)/s``, which equals ``g·Σ dy·∂v̂/∂s`` because ``dx = dy·inside`` and
-``v̂ = round(c)·s`` (no mask tensor is ever built). Under ``torch.compile`` the function uses the
-formula as written (``where`` on a mask, one ``sum``), which the compiler fuses into one or two
-loops; the eager chain above fuses badly (measured).
-
-**Precision.** ``compute_dtype="input"`` keeps the activation's dtype (bf16 under autocast).
-The native kernel computes ``x/s`` and the gradients in float32 and rounds only the output to bf16
-(8 significant bits: from about 6-bit activations the levels ``k·s`` are rounded, error up to
-``k·s·2^-9``). The ATen and compiled paths compute in bf16, so ``x/s`` is rounded before ``round``
-too (inputs near a threshold may move to the next level), and the rounded levels enter ``∂L/∂s``.
-``compute_dtype="float32"`` upcasts the input and computes everything in float32, then casts the
-output back (slower).
+**Numbers and speed.** The forward and backward are the custom ops ``kdtoolkit::lsq_forward`` /
+``kdtoolkit::lsq_backward`` (:mod:`kdtoolkit.quant.ops`): ``x/s`` and the level in float32 whatever
+the input dtype (bf16 stays bf16 only in memory), the step gradient summed from the formula's own
+terms in float64. On the CPU they run fused C kernels (one pass each way), elsewhere ATen;
+``torch.compile`` and ``torch.export`` see them as single ops. 1-bit weights are plain ATen.
+``compute_dtype="float32"`` upcasts the input before the op and casts the output back (the same
+levels, more memory traffic).
 """
 
 from __future__ import annotations
@@ -54,16 +43,8 @@ import torch
 from torch import nn
 
 import kdtoolkit
-from kdtoolkit.quant import native
-from kdtoolkit.quant.base import QuantizedWeight, bits_validator
-from kdtoolkit.quant.functional import (
-    accumulation_dtype,
-    compiler_math,
-    dot,
-    dot_per_channel,
-    grad_in_range,
-    in_compute_dtype,
-)
+from kdtoolkit.api import QuantizedWeight, bits_validator, grad_in_range, in_compute_dtype, ops
+from kdtoolkit.api import expand_step as _expand
 
 
 @attrs.frozen
@@ -87,71 +68,6 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def _expand(step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-channel step of shape (C,) viewed to broadcast over ``like``'s dim 0."""
-    return step.view(-1, *([1] * (like.dim() - 1))) if step.dim() == 1 else step
-
-
-class _LSQFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, step, q_n: int, q_p: int, grad_scale: float):
-        s = _expand(step, x)
-        ctx.q = (q_n, q_p, grad_scale)
-        ctx.compiled = compiler_math()
-        if ctx.compiled:  # plain math: torch.compile fuses it
-            ctx.save_for_backward(x, step)
-            return torch.round(torch.clamp(x / s, -q_n, q_p)) * s
-        ctx.native = native.supports(x, step)  # per-tensor steps only (a 1-dim step is refused)
-        if ctx.native:  # one fused pass (kdtoolkit.quant.native)
-            ctx.save_for_backward(x, step)
-            return native.lsq_forward(x, step, q_n, q_p)
-        y = torch.div(x, s).clamp_(-q_n, q_p).round_().mul_(s)
-        # x is kept alive by the ReLU before us and y by the layer after: saving them costs no memory
-        # (saving t = x/s too would, and measured no faster than recomputing it)
-        ctx.save_for_backward(x, step, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        q_n, q_p, grad_scale = ctx.q
-        if ctx.compiled:
-            return _lsq_backward_plain(ctx, dy)
-        if ctx.native:
-            x, step = ctx.saved_tensors
-            dx, d_step = native.lsq_backward(
-                x, dy, step, q_n, q_p, grad_scale,
-                need_input_grad=ctx.needs_input_grad[0], need_step_grad=ctx.needs_input_grad[1],
-            )
-            return dx, d_step, None, None, None
-        x, step, y = ctx.saved_tensors
-        t = torch.div(x, _expand(step, x))
-        dx = grad_in_range(dy, t, -q_n, q_p, out=t)  # t is a temporary: dx takes its memory
-        d_step = None
-        if ctx.needs_input_grad[1]:
-            # Σ dy·∂v̂/∂s = Σ dy·(round(c) − t·inside) = (⟨dy, v̂⟩ − ⟨dx, v⟩)/s, as dy·inside = dx:
-            # two fused reductions, no mask and no temporary
-            if step.dim() == 0:
-                num = dot(dy, y) - dot(dx, x)
-            else:
-                num = dot_per_channel(dy, y) - dot_per_channel(dx, x)
-            d_step = (num / step * grad_scale).to(step.dtype)
-        return (dx if ctx.needs_input_grad[0] else None), d_step, None, None, None
-
-
-def _lsq_backward_plain(ctx, dy):
-    """The backward as the formula reads (what ``torch.compile`` fuses best)."""
-    x, step = ctx.saved_tensors
-    q_n, q_p, grad_scale = ctx.q
-    t = x / _expand(step, x)
-    inside = (t >= -q_n) & (t <= q_p)
-    dx = torch.where(inside, dy, 0.0)
-    local = torch.where(inside, torch.round(t) - t, torch.clamp(t, -q_n, q_p))
-    acc = accumulation_dtype(x.dtype)
-    dims = tuple(range(x.dim())) if step.dim() == 0 else tuple(range(1, x.dim()))
-    d_step = ((dy.to(acc) * local.to(acc)).sum(dim=dims) * grad_scale).to(step.dtype)
-    return dx, d_step, None, None, None
-
-
 class _LSQBinaryFunction(torch.autograd.Function):
     """1-bit signed: ``s·sign(v)`` with a learned ``s`` (LSQ's rule with ``round`` -> ``sign``)."""
 
@@ -172,10 +88,8 @@ class _LSQBinaryFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
             local = sign - grad_in_range(t, t, -1, 1)  # sign(v) − (v/s)·inside
-            if step.dim() == 0:
-                d_step = dot(dy, local) * ctx.grad_scale
-            else:
-                d_step = dot_per_channel(dy, local) * ctx.grad_scale
+            dims = list(range(x.dim())) if step.dim() == 0 else list(range(1, x.dim()))
+            d_step = torch.sum(local.to(ops.compute_dtype(x.dtype)) * dy, dim=dims, dtype=torch.float64) * ctx.grad_scale
             d_step = d_step.to(step.dtype)
         return (dx if ctx.needs_input_grad[0] else None), d_step, None
 
@@ -209,7 +123,7 @@ class LSQWeightQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.bits == 1:
             return _LSQBinaryFunction.apply(weight, self.step, self._grad_scale(weight))
-        return _LSQFunction.apply(weight, self.step, self.q_n, self.q_p, self._grad_scale(weight))
+        return ops.lsq_forward(weight, self.step, self.q_n, self.q_p, self._grad_scale(weight))
 
     @torch.no_grad()
     def export(self, weight: torch.Tensor) -> QuantizedWeight:
@@ -271,7 +185,7 @@ class LSQActQuantizer(nn.Module):
             self._init_pending = False
         xc = in_compute_dtype(x, self.compute_dtype)
         grad_scale = 1.0 / math.sqrt(xc.numel() * self.q_p)
-        y = _LSQFunction.apply(xc, self.step, self.q_n, self.q_p, grad_scale)
+        y = ops.lsq_forward(xc, self.step, self.q_n, self.q_p, grad_scale)
         return y if xc is x else y.to(x.dtype)
 
     def extra_repr(self) -> str:

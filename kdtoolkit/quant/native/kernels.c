@@ -8,20 +8,23 @@
  * Arithmetic is that of the formulas in IEEE float (double for double tensors): x / s is a true
  * division, rint rounds half to even like torch.round, clamps propagate NaN like torch.clamp.
  * bfloat16 tensors are loaded to float, computed in float, stored with round-to-nearest-even
- * (c10::BFloat16's rule, NaN -> 0x7fc0). Reductions sum blocks of KDQ_BLOCK elements in the
- * compute type (float keeps the SIMD width), the block sums in double, and the per-thread sums in
- * thread order, so a fixed thread count gives bit-identical results.
+ * (c10::BFloat16's rule, NaN -> 0x7fc0). LSQ's step gradient forms each product dy * local in
+ * double (exact for float and bfloat16 operands) and sums in double: blocks of KDQ_BLOCK elements,
+ * then the block sums per thread, then the per-thread sums in thread order, so a fixed thread count
+ * gives bit-identical results and the error is at most n * 2^-53 * sum|dy * local|.
  *
  * Scalars that live in tensors (LSQ's learned step) are read here from the tensor's memory, and
  * results (the step gradient) are written to a tensor's memory: the Python side never reads a
  * tensor value on the host.
  *
- * Built by kdtoolkit/quant/native/__init__.py: cc -O3 -fopenmp -march=native -fno-math-errno.
+ * Built by kdtoolkit/quant/native/__init__.py: cc -O3 -fopenmp -march=native -fno-math-errno (clang: -fopenmp=libgomp).
  * OpenMP: the library links libgomp.so.1, which resolves to the copy torch has already loaded, so
  * these kernels share torch's thread pool.
  */
 #include <math.h>
-#include <omp.h>
+/* declared here rather than from <omp.h>, which clang does not ship for libgomp */
+int omp_get_thread_num(void);
+int omp_get_num_threads(void);
 #include <stdint.h>
 #include <string.h>
 
@@ -32,7 +35,7 @@ enum { KDQ_F32 = 0, KDQ_F64 = 1, KDQ_BF16 = 2 };
 
 /* below this many elements a kernel runs on the calling thread (a parallel region costs ~us) */
 #define KDQ_MIN_PARALLEL 32768
-/* elements summed in the compute type before a partial sum moves to double */
+/* elements per block of the step-gradient sum (blocks keep the SIMD reduction short) */
 #define KDQ_BLOCK 256
 #define KDQ_MAX_THREADS 1024
 
@@ -112,7 +115,7 @@ static void store_scalar(void *p, int dtype, double v) {
             for (int64_t b = 0; b < blocks; ++b) {                                                    \
                 const int64_t start = b * KDQ_BLOCK;                                                  \
                 const int64_t end = start + KDQ_BLOCK < n ? start + KDQ_BLOCK : n;                    \
-                C part = 0;                                                                           \
+                double part = 0; /* products of two floats are exact in double */                     \
                 if (dx != NULL) {                                                                     \
                     _Pragma("omp simd reduction(+:part)")                                             \
                     for (int64_t i = start; i < end; ++i) {                                           \
@@ -120,7 +123,7 @@ static void store_scalar(void *p, int dtype, double v) {
                         const int inside = t >= lo && t <= hi;                                        \
                         const C local = inside ? RINT(t) - t : (t < lo ? lo : hi);                    \
                         dx[i] = inside ? dy[i] : (T)0;                                                \
-                        part += LOAD(dy[i]) * local;                                                  \
+                        part += (double)LOAD(dy[i]) * (double)local;                                                  \
                     }                                                                                 \
                 } else {                                                                              \
                     _Pragma("omp simd reduction(+:part)")                                             \
@@ -128,10 +131,10 @@ static void store_scalar(void *p, int dtype, double v) {
                         const C t = LOAD(x[i]) / s;                                                   \
                         const int inside = t >= lo && t <= hi;                                        \
                         const C local = inside ? RINT(t) - t : (t < lo ? lo : hi);                    \
-                        part += LOAD(dy[i]) * local;                                                  \
+                        part += (double)LOAD(dy[i]) * (double)local;                                                  \
                     }                                                                                 \
                 }                                                                                     \
-                mine += (double)part;                                                                 \
+                mine += part;                                                                 \
             }                                                                                         \
             partial[omp_get_thread_num()] = mine;                                                     \
             _Pragma("omp single")                                                                     \
@@ -170,4 +173,4 @@ KDQ_KERNELS(f64, double, double, rint, ID, ID)
 KDQ_KERNELS(bf16, bf16_t, float, rintf, bf16_to_f32, f32_to_bf16)
 
 /* the ABI version the Python side expects */
-int kdq_version(void) { return 1; }
+int kdq_version(void) { return 2; }
