@@ -192,7 +192,10 @@ class Pipeline:
             trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=console or stream)
             if info.is_main:
                 (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
-            return trainer.fit(resume=resume)
+            result = trainer.fit(resume=resume)
+            if info.is_main:  # the quantizers have run now: whether their native kernels were available
+                (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
+            return result
         finally:
             if console:
                 console.close()
