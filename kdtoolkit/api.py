@@ -51,6 +51,7 @@ _LAZY: dict[str, str] = {
     "MethodContext": "kdtoolkit.methods",
     "Progress": "kdtoolkit.methods",
     "Loss": "kdtoolkit.losses",
+    "call_loss": "kdtoolkit.losses",
     "Schedule": "kdtoolkit.schedules",
     "Quantizer": "kdtoolkit.quant.base",
     "WeightQuantizer": "kdtoolkit.quant.base",

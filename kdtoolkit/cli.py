@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.errors import KDToolkitError
 
 
@@ -105,10 +106,12 @@ def run(pipeline, overrides, resume, device):
     from kdtoolkit.engine.distributed import OtherRankFailed, process_group, resume_after_restart
 
     pipe = _load(pipeline, overrides, device)
-    pipe.validate()
+    if pipe.config.run.host_memory == "reuse":
+        reuse_freed_memory()  # process-wide, once: no page faults for each step's tensors
     start = time.perf_counter()
     with process_group(pipe.config.run.device) as info:
         try:
+            pipe.validate(full=True)  # everything fit() needs, built once and reused by fit()
             result = pipe.fit(resume=resume_after_restart(resume, pipe.run_dir / "checkpoints" / "last.safetensors"))
         except OtherRankFailed:
             sys.exit(2)  # rank 0 prints the error
@@ -134,11 +137,12 @@ def _print_summary(run_dir, wall_seconds):
 @main.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+@click.option("--full", is_flag=True, help="Also read the data and the referenced checkpoints and build everything training needs (what `run` checks).")
 @user_errors
-def validate(pipeline, overrides):
+def validate(pipeline, overrides, full):
     """Check PIPELINE without training: every problem, with its key path."""
     pipe = _load(pipeline, overrides)
-    pipe.validate()
+    pipe.validate(full=full)
     n = len(pipe.config.models)
     click.echo(f"{pipeline}: ok ({n} model{'s' if n != 1 else ''}, method {pipe.config.method.name!r})")
 

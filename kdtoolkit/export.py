@@ -24,7 +24,7 @@ def float32_bytes(model: nn.Module) -> int:
 def load_run_model(run_dir: str | Path, *, model_name: str | None = None, checkpoint: str = "best"):
     """``(model, spec, name, num_classes, checkpoint)`` of a run's model with its checkpoint's
     weights, in eval mode (quantized models fake-quantized as trained)."""
-    from kdtoolkit.engine.build import build_model
+    from kdtoolkit.engine.assemble import build_model
     from kdtoolkit.engine.checkpoint import Checkpoint
     from kdtoolkit.pipeline import Pipeline
 

@@ -18,6 +18,7 @@ import pluggy
 from kdtoolkit import hookspecs
 from kdtoolkit.entrypoints import BLOCK_ENV, PluginRecord, load_entrypoints
 from kdtoolkit.errors import ConfigError, PluginError
+from kdtoolkit.registration import check_contract
 
 PROJECT = "kdtoolkit"
 
@@ -36,6 +37,12 @@ class Component:
     options: type | None
     plugin: str
     description: str = ""
+    #: losses: the input names (``register(..., inputs=...)`` or the factory's ``inputs``)
+    inputs: tuple[str, ...] = ()
+    #: fusions: called with ``labels=`` (``register(..., needs_labels=True)``)
+    needs_labels: bool = False
+    #: other components this one needs, by kind (``register(..., requires={"fusion": ["importance"]})``)
+    requires: dict[str, tuple[str, ...]] = attrs.Factory(dict)
 
     def make_options(self, **values):
         """Build this component's options from keyword values (defaults for the rest)."""
@@ -189,6 +196,9 @@ def collect(pm: pluggy.PluginManager, *, broken: dict[str, str] | None = None) -
                 *,
                 options: type | None = None,
                 description: str = "",
+                inputs: Iterable[str] | None = None,
+                needs_labels: bool = False,
+                requires: dict[str, Iterable[str]] | None = None,
                 _kind: str = kind,
                 _plugin: str = plugin_name,
             ) -> None:
@@ -198,7 +208,9 @@ def collect(pm: pluggy.PluginManager, *, broken: dict[str, str] | None = None) -
                     raise PluginError(f"plugin {_plugin!r}: {_kind} {name!r} factory is not callable")
                 if options is not None and not attrs.has(options):
                     raise PluginError(f"plugin {_plugin!r}: {_kind} {name!r} options must be an attrs class")
-                registry.add(Component(_kind, name, factory, options, _plugin, description))
+                check_option_names(Component(_kind, name, factory, options, _plugin, description))  # option names first
+                contract = check_contract(_kind, name, factory, _plugin, kinds=KINDS, inputs=inputs, needs_labels=needs_labels, requires=requires)
+                registry.add(Component(_kind, name, factory, options, _plugin, description, **contract))
 
             try:
                 impl.function(**{"register": register})

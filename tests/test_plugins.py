@@ -17,7 +17,7 @@ class Opts:
 class LossPlugin:
     @kdtoolkit.hookimpl
     def register_losses(self, register):
-        register("my_loss", lambda o: None, options=Opts, description="test")
+        register("my_loss", lambda o: None, options=Opts, description="test", inputs=("logits",))
 
 
 def test_every_kind_has_a_documented_hook():
@@ -44,7 +44,7 @@ def test_duplicate_names_name_both_plugins():
     class Other:
         @kdtoolkit.hookimpl
         def register_losses(self, register):
-            register("my_loss", lambda o: None)
+            register("my_loss", lambda o: None, inputs=("logits",))
 
     with pytest.raises(PluginError) as err:
         load_registry(load_entrypoints=False, plugins=[LossPlugin(), Other()])
@@ -65,7 +65,7 @@ def test_options_must_be_attrs():
     class Bad:
         @kdtoolkit.hookimpl
         def register_losses(self, register):
-            register("x", lambda o: None, options=dict)
+            register("x", lambda o: None, options=dict, inputs=("logits",))
 
     with pytest.raises(PluginError, match="attrs"):
         load_registry(load_entrypoints=False, plugins=[Bad()])

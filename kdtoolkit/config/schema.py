@@ -18,11 +18,10 @@ from kdtoolkit.config.validators import FieldError as _FieldError
 from kdtoolkit.config.validators import check as _check
 from kdtoolkit.config.validators import non_negative as _non_negative
 from kdtoolkit.config.validators import positive as _positive
+from kdtoolkit.quant.model import LayerOverride  # the one per-layer bit-width rule: ``overrides`` entries
 
 # --- value checks of plain fields (a bad value is an error at its key, never a crash later) --------
-_bits = _check(lambda v: 1 <= v <= 8 or v == 32, "must be 1..8 or 32 (full precision), got {value!r}")
 _seed = _check(lambda v: 0 <= v < 2**63, "must be between 0 and 2**63 - 1, got {value!r}")
-_non_empty = _check(lambda v: v != "", "must not be empty")
 
 
 def _printable_name(inst, attribute, value) -> None:
@@ -88,15 +87,6 @@ class FusionConfig:
 
     name: str
     options: Any = None
-
-
-@attrs.frozen
-class LayerOverride:
-    """Per-layer bit-widths by module-path pattern (fnmatch); 32 means full precision."""
-
-    pattern: str = attrs.field(validator=_non_empty)
-    weight_bits: Optional[int] = attrs.field(default=None, validator=_bits)
-    act_bits: Optional[int] = attrs.field(default=None, validator=_bits)
 
 
 @attrs.frozen
@@ -251,6 +241,27 @@ class PipelineConfig:
     losses: list[LossConfig] = attrs.Factory(list)
     optimizer: OptimizerConfig = attrs.Factory(OptimizerConfig)
     plugins: PluginsConfig = attrs.Factory(PluginsConfig)
+
+    # role filters, in declaration order
+    @property
+    def students(self) -> list[str]:
+        """Names of the models with ``role = "student"``."""
+        return [n for n, s in self.models.items() if s.role == "student"]
+
+    @property
+    def teachers(self) -> list[str]:
+        """Names of the models with ``role = "teacher"``."""
+        return [n for n, s in self.models.items() if s.role == "teacher"]
+
+    @property
+    def trained(self) -> list[str]:
+        """Names of the models that are not ``frozen``."""
+        return [n for n, s in self.models.items() if not s.frozen]
+
+    @property
+    def evaluated(self) -> list[str]:
+        """Names of the models with ``evaluate = true``."""
+        return [n for n, s in self.models.items() if s.evaluate]
 
 
 #: component table classes -> the registry kind their ``name`` refers to

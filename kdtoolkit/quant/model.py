@@ -35,23 +35,22 @@ def _optional_bits(instance, attribute, value) -> None:
         check_bits(value, attribute.name)
 
 
+def _non_empty(instance, attribute, value) -> None:
+    if value == "":
+        raise ValueError(f"{attribute.name} must not be empty")
+
+
 @attrs.frozen
 class LayerOverride:
     """Bit-widths for the layers whose module path matches ``pattern`` (``fnmatch``; e.g. ``"fc"``,
     ``"block3.*"``, ``"*.shortcut"``). ``None`` keeps the value set so far; 32 = full precision."""
 
-    pattern: str
+    pattern: str = attrs.field(validator=_non_empty)
     weight_bits: int | None = attrs.field(default=None, validator=_optional_bits)
     act_bits: int | None = attrs.field(default=None, validator=_optional_bits)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # torch.compile / DDP wrappers keep the real model one attribute down
-    for attr in ("_orig_mod", "module"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module) and type(model).__name__ in ("OptimizedModule", "DistributedDataParallel"):
-            return _unwrap(inner)
-    return model
+from kdtoolkit.features import unwrap as _unwrap  # noqa: E402 - the one wrapper-stripper
 
 
 def float_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdtoolkit
-from kdtoolkit.api import ConfigError, FieldError, Method, MethodContext, Progress, as_staged, non_negative, one_of, positive
+from kdtoolkit.api import ConfigError, FieldError, Method, MethodContext, Progress, as_staged, call_loss, non_negative, one_of, positive
 
 __all__ = ["CMTKD", "CMTKDOptions", "COMBINED", "DEFAULT_GAMMA", "register_methods"]
 
@@ -215,7 +215,7 @@ class CMTKD(Method):
             out["kl_teacher"] = self.beta * kl_t
         if use_features:
             ks = self.feature_stages
-            out["feature"] = self.gamma * self.feature_loss(student=[feats[k] for k in ks], teacher=[fused[k] for k in ks])
+            out["feature"] = self.gamma * call_loss(self.feature_loss, student=[feats[k] for k in ks], teacher=[fused[k] for k in ks])
         return out
 
     def evaluate_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ class PeerML(LossTermsMethod):
         self.student = context.students()[0]
 
     def training_step(self, images, labels, progress):
-        logits = self.forward_models(images)
+        logits = self.forward_outputs(images)
         terms = self.loss_terms(logits, labels, progress)  # the pipeline's [[losses]], weighted and scheduled
         student, peer = logits[self.student], self.peer(images)
         w = self.options.mutual_weight
