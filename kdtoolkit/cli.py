@@ -103,7 +103,8 @@ def run(pipeline, overrides, resume, device):
     "Several GPUs and machines"."""
     import time
 
-    from kdtoolkit.engine.distributed import OtherRankFailed, process_group, resume_after_restart
+    from kdtoolkit.engine.distributed import OtherRankFailed, on_main, process_group, resume_after_restart
+    from kdtoolkit.pipeline import check_run_dir
 
     pipe = _load(pipeline, overrides, device)
     if pipe.config.run.host_memory == "reuse":
@@ -111,8 +112,10 @@ def run(pipeline, overrides, resume, device):
     start = time.perf_counter()
     with process_group(pipe.config.run.device) as info:
         try:
+            resume = resume_after_restart(resume, pipe.run_dir / "checkpoints" / "last.safetensors")
+            on_main(lambda: check_run_dir(pipe.run_dir, resume=resume))  # before anything is built or written
             pipe.validate(full=True)  # everything fit() needs, built once and reused by fit()
-            result = pipe.fit(resume=resume_after_restart(resume, pipe.run_dir / "checkpoints" / "last.safetensors"))
+            result = pipe.fit(resume=resume)
         except OtherRankFailed:
             sys.exit(2)  # rank 0 prints the error
     if not info.is_main:

@@ -278,6 +278,9 @@ def test_malformed_pipeline(index, sandbox, monkeypatch):
     from kdtoolkit.pipeline import Pipeline
 
     def reached(self, device=None):
+        # what the real build checks before it writes anything, without reading data: the models
+        # (feature paths, check_models); every other check runs before build is called
+        self.validate()
         raise ConfigError(REACHED)
 
     monkeypatch.setattr(Pipeline, "build", reached)
