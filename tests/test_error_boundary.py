@@ -249,7 +249,7 @@ def test_out_of_memory_while_building(tmp_path, cifar10_root, monkeypatch, error
 def test_a_bug_is_one_line_exit_1_and_the_traceback_only_with_debug(tmp_path, cifar10_root, monkeypatch):
     from kdtoolkit.pipeline import Pipeline
 
-    def validate(self):
+    def validate(self, full=False):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(Pipeline, "validate", validate)
