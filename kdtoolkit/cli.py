@@ -1,4 +1,5 @@
-"""``kdtoolkit`` command line: run, validate, plugins, eval, export, plot-fusion.
+"""``kdtoolkit`` command line: run, validate, plugins, eval, export, and the commands plugins add
+through the ``register_commands`` hook.
 
 Input and config errors print one line each (``path: message``) and exit with code 2; no traceback.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from kdtoolkit.commands import PluginCommandGroup
 from kdtoolkit.errors import KDToolkitError
 
 
@@ -31,7 +33,7 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group()
+@click.group(cls=PluginCommandGroup, error_boundary=user_errors)
 @click.version_option(package_name="kdtoolkit")
 def main():
     """Knowledge distillation and quantization-aware training from pipeline files."""
@@ -143,24 +145,6 @@ def export(run_dir, out, model_name, checkpoint):
                f"{sizes['float32_model'] / sizes['file']:.1f}x smaller)")
     click.echo(f"quantized layers: {sizes['quantized_weights'] / mib:.3f} MiB packed vs "
                f"{sizes['quantized_weights_float32'] / mib:.3f} MiB as float32 ({sizes['quantized_ratio']:.3f})")
-
-
-@main.command("plot-fusion")
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")
-@user_errors
-def plot_fusion(run_dir, out):
-    """Plot CMT-KD importance weights per teacher over training, one panel per fusion stage."""
-    from kdtoolkit.engine.output import MetricsWriter
-    from kdtoolkit.errors import CheckpointError
-    from kdtoolkit.plotting import plot_fusion_weights
-
-    rows = []
-    for fmt in ("jsonl", "csv"):
-        rows = rows or MetricsWriter(Path(run_dir), fmt).read()
-    if not rows:
-        raise CheckpointError(f"{run_dir}: no metrics.jsonl or metrics.csv")
-    click.echo(f"wrote {plot_fusion_weights(rows, out)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -420,7 +420,7 @@ def test_cmtkd_end_to_end_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_pat
             "train/loss/feature", "test/student/top1", "test/combined_teacher/top1", "fusion/stage2/t8"} <= set(row)
     # the importance weights moved during training (and the figure can be drawn from the rows)
     assert any(row[f"fusion/stage{k}/t4"] != 0.5 for k in range(3))
-    from kdtoolkit.plotting import plot_fusion_weights
+    from kdtoolkit_plugins.methods.cmtkd.plotting import plot_fusion_weights
 
     assert plot_fusion_weights(ra, tmp_path / "fig.png").stat().st_size > 0
 

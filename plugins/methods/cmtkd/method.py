@@ -23,7 +23,7 @@ Design decisions (each an option where the paper leaves room):
 - **Stage-by-stage execution.** Hooks cannot feed the fused feature to the next stage, so every
   network runs through ``forward_stage`` (``kdtoolkit.models.StagedModel``). Built-in models have
   their stages (the paper's fusion points); any other model is split from declared module paths
-  (``stages = [...]``, :func:`kdtoolkit.staging.staged_from_paths`, torch.fx). The student runs stage
+  (``stages = [...]``, :func:`.staging.staged_from_paths`, torch.fx). The student runs stage
   by stage too, which gives its stage features without hooks.
 - **Fusion.** One ``importance`` fusion plugin per stage (its π are this method's parameters,
   ``method.fusion.<k>.importance``, at ``importance_lr_scale`` × the learning rate, 0.1 as in the paper;
@@ -55,13 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kdtoolkit
 from kdtoolkit.config.validators import FieldError, non_negative, one_of, positive
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.methods import Method, MethodContext, Progress
-from kdtoolkit.staging import as_staged
+from kdtoolkit_plugins.methods.cmtkd.staging import as_staged
 
-__all__ = ["CMTKD", "CMTKDOptions", "COMBINED", "DEFAULT_GAMMA", "register_methods"]
+__all__ = ["CMTKD", "CMTKDOptions", "COMBINED", "DEFAULT_GAMMA"]
 
 #: key of the combined teacher in ``evaluate_logits`` (and so in the metrics: test/combined_teacher/top1)
 COMBINED = "combined_teacher"
@@ -329,9 +328,3 @@ class CMTKD(Method):
         if options.alpha == 0 and options.beta == 0 and options.feature_weight == 0:
             problems.append(("method", "alpha, beta and gamma are all 0: nothing to train"))
         return problems
-
-
-@kdtoolkit.hookimpl
-def register_methods(register):
-    register("cmtkd", CMTKD, options=CMTKDOptions,
-             description="CMT-KD (Pham et al. WACV 2023): quantized teachers fused stage by stage, trained with the student")
