@@ -6,6 +6,7 @@ A pipeline's ``[[losses]]`` become ``LossTerm`` modules. Inputs are *references*
 - ``"student:block2.0.conv1"``: the output of that module of ``student`` (a forward-hook tap);
 - ``"student:stages"``: the outputs of all of the model's stages (a list; see ``StagedModel``);
 - ``"labels"``: the batch labels;
+- a name the method publishes (``Method.outputs``): ``"combined_teacher"``, ``"fused:stages"``;
 - a list of references: several tensors; for the ``teacher`` input they are combined by the
   term's ``fusion`` when one is set, otherwise the loss receives the list.
 """
@@ -38,6 +39,17 @@ class Loss(Protocol):
 
 #: the input name that a term's ``fusion`` applies to
 FUSED_INPUT = "teacher"
+
+#: kinds of the tensors a method may publish (``Method.outputs``)
+OUTPUT_KINDS = ("logits", "features", "stages")
+#: the feature path that names all of a model's (or a method output's) stages
+STAGES = "stages"
+
+
+def output_refs(outputs: Mapping[str, str]) -> dict[str, str]:
+    """Reference text -> kind of each output a method declares: ``name`` for logits and features,
+    ``name:stages`` for stage lists."""
+    return {(f"{name}:{STAGES}" if kind == STAGES else name): kind for name, kind in outputs.items()}
 
 
 @attrs.frozen

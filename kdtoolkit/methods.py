@@ -20,7 +20,7 @@ from torch import nn
 
 from kdtoolkit.config.schema import ModelConfig, PipelineConfig
 from kdtoolkit.features import FeatureTaps
-from kdtoolkit.losses import LossTerm, Ref
+from kdtoolkit.losses import LossTerm, Ref, Value
 
 
 @attrs.frozen
@@ -105,11 +105,17 @@ class Method(nn.Module):
         run by ``validate`` before training."""
         return []
 
+    @classmethod
+    def outputs(cls, options, config: PipelineConfig) -> dict[str, str]:
+        """Named tensors this method publishes beside the models' logits, as ``name -> kind``
+        (``"logits"``, ``"features"`` or ``"stages"``). Loss-term inputs refer to them like model
+        outputs: ``"name"`` for logits and features, ``"name:stages"`` for a list of stage features.
+        ``forward_outputs`` must return each under that reference text."""
+        return {}
 
-class LossTermsMethod(Method):
-    """Forward every model (frozen ones without gradient), then evaluate the loss terms."""
-
-    def forward_models(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_outputs(self, images: torch.Tensor) -> dict[str, Value]:
+        """Every model's logits (keyed by model name; frozen models without gradient), plus the
+        outputs declared by ``outputs``, keyed by their reference text (``"fused:stages"``)."""
         logits = {}
         for name, model in self._models.items():
             if self._specs[name].frozen:
@@ -119,15 +125,23 @@ class LossTermsMethod(Method):
                 logits[name] = model(images)
         return logits
 
-    def loss_terms(self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
-        def value(ref: Ref):
+
+class LossTermsMethod(Method):
+    """Run ``forward_outputs`` (every model, plus what a subclass publishes), then evaluate the loss terms."""
+
+    def loss_terms(self, outputs: Mapping[str, Value], labels: torch.Tensor, progress: Progress) -> dict[str, torch.Tensor]:
+        """The weighted terms. A reference is looked up in ``outputs`` first (by its text: a
+        model's logits or a published output), then among the labels and the tapped features."""
+
+        def value(ref: Ref) -> Value:
+            text = str(ref)
+            if text in outputs:
+                return outputs[text]
             if ref.model == "labels":
                 return labels
-            if ref.feature is None:
-                return logits[ref.model]
             return self._taps[ref.model].features[ref.feature]
 
         return {term.label: term(value, labels, progress.epoch_float, progress.total_epochs) for term in self._losses}
 
     def training_step(self, images, labels, progress):
-        return self.loss_terms(self.forward_models(images), labels, progress)
+        return self.loss_terms(self.forward_outputs(images), labels, progress)

@@ -87,7 +87,7 @@ class Pipeline:
 
     def validate(self) -> None:
         """Deeper checks that need built models (feature paths); raises ``ConfigError``."""
-        from kdtoolkit.engine.build import build_model, effective_losses, feature_refs, resolved_inputs
+        from kdtoolkit.engine.build import build_model, effective_losses, feature_refs, published_refs, resolved_inputs
 
         torch_state = torch.get_rng_state()
         try:
@@ -96,7 +96,7 @@ class Pipeline:
             torch.set_rng_state(torch_state)
         losses = effective_losses(self.config, self.registry)
         inputs = [resolved_inputs(lc, self.registry.get("loss", lc.name).factory, self.config) for lc in losses]
-        _, problems = feature_refs(inputs, models)
+        _, problems = feature_refs(inputs, models, published_refs(self.config, self.registry))
         method = self.registry.get("method", self.config.method.name).factory
         if hasattr(method, "check_models"):
             problems += method.check_models(self.config.method.options, self.config, models)

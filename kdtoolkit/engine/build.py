@@ -16,11 +16,9 @@ from kdtoolkit.config.schema import LossConfig, PipelineConfig
 from kdtoolkit.engine.distributed import dist_info, wrap_model
 from kdtoolkit.errors import CheckpointError, ConfigError, KDToolkitError
 from kdtoolkit.features import FeatureTaps, resolve_module
-from kdtoolkit.losses import LossTerm, Ref, default_inputs
+from kdtoolkit.losses import OUTPUT_KINDS, STAGES, LossTerm, Ref, default_inputs, output_refs
 from kdtoolkit.methods import Method, MethodContext
 from kdtoolkit.plugins import Registry
-
-STAGES = "stages"
 
 
 class PipelineModule(nn.Module):
@@ -44,6 +42,11 @@ class PipelineModule(nn.Module):
 
 def method_class(cfg: PipelineConfig, registry: Registry):
     return registry.get("method", cfg.method.name).factory
+
+
+def published_refs(cfg: PipelineConfig, registry: Registry) -> dict[str, str]:
+    """Reference text -> kind of the outputs the pipeline's method publishes (``Method.outputs``)."""
+    return output_refs(method_class(cfg, registry).outputs(cfg.method.options, cfg))
 
 
 def effective_losses(cfg: PipelineConfig, registry: Registry) -> list[LossConfig]:
@@ -77,6 +80,13 @@ def check_config(cfg: PipelineConfig, registry: Registry) -> list[tuple[str, str
     problems += method.factory.check(cfg.method.options, cfg) if hasattr(method.factory, "check") else []
     if not cfg.models:
         problems.append(("models", "at least one model is needed"))
+    outputs = method.factory.outputs(cfg.method.options, cfg)
+    for out_name, kind in outputs.items():
+        if kind not in OUTPUT_KINDS:
+            problems.append(("method", f"method {cfg.method.name!r} (plugin {method.plugin!r}) declares output {out_name!r} of unknown kind {kind!r}; kinds: {', '.join(OUTPUT_KINDS)}"))
+        if out_name in cfg.models or out_name == "labels" or ":" in out_name or "." in out_name:
+            problems.append(("method", f"method {cfg.method.name!r} declares output {out_name!r}, which clashes with a model name, 'labels', or contains ':' or '.'"))
+    published = output_refs(outputs)
     for name, spec in cfg.models.items():
         if spec.frozen and not spec.checkpoint:
             problems.append((f"models.{name}.checkpoint", "a frozen model needs pretrained weights: set checkpoint = \"RUN_DIR\" or a .safetensors file"))
@@ -101,8 +111,14 @@ def check_config(cfg: PipelineConfig, registry: Registry) -> list[tuple[str, str
                 continue
             for text in ref if isinstance(ref, list) else [ref]:
                 r = Ref.parse(text)
-                if r.model != "labels" and r.model not in cfg.models:
-                    problems.append((f"{path}.inputs.{key}", f"unknown model {r.model!r} in {text!r}; models: {', '.join(cfg.models)}"))
+                if str(r) in published or r.model == "labels" or r.model in cfg.models:
+                    continue
+                if r.model in outputs:
+                    wanted = f"{r.model}:{STAGES}" if outputs[r.model] == STAGES else r.model
+                    problems.append((f"{path}.inputs.{key}", f"{text!r}: method output {r.model!r} holds {outputs[r.model]}; refer to it as {wanted!r}"))
+                else:
+                    known = list(cfg.models) + list(published)
+                    problems.append((f"{path}.inputs.{key}", f"unknown model {r.model!r} in {text!r}; models and method outputs: {', '.join(known)}"))
         if lc.fusion is not None and not isinstance(inputs.get("teacher"), list):
             problems.append((f"{path}.fusion", "a fusion needs a list of references as the 'teacher' input"))
     evaluated = [n for n, s in cfg.models.items() if s.evaluate]
@@ -154,8 +170,9 @@ def expand_ref(ref: Ref, models: dict[str, nn.Module], where: str) -> list[Ref]:
     return [Ref(ref.model, p) for p in paths]
 
 
-def feature_refs(terms_inputs: list[dict[str, Any]], models: dict[str, nn.Module]) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Expand ``:stages`` and check every feature path exists; returns the expanded inputs."""
+def feature_refs(terms_inputs: list[dict[str, Any]], models: dict[str, nn.Module], published: Any = ()) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Expand ``:stages`` and check every feature path exists; returns the expanded inputs.
+    References in ``published`` (method outputs) are kept as they are."""
     problems: list[tuple[str, str]] = []
     out = []
     for i, inputs in enumerate(terms_inputs):
@@ -166,12 +183,13 @@ def feature_refs(terms_inputs: list[dict[str, Any]], models: dict[str, nn.Module
             parsed: list[Ref] = []
             try:
                 for text in texts:
-                    parsed.extend(expand_ref(Ref.parse(text), models, where))
+                    r = Ref.parse(text)
+                    parsed.extend([r] if str(r) in published else expand_ref(r, models, where))
             except ConfigError as exc:
                 problems += exc.problems
                 continue
             for r in parsed:
-                if r.feature is not None:
+                if r.feature is not None and str(r) not in published:
                     try:
                         resolve_module(models[r.model], r.feature)
                     except ConfigError as exc:
@@ -208,7 +226,8 @@ def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, de
     losses_cfg = effective_losses(cfg, registry)
     loss_classes = [registry.get("loss", lc.name).factory for lc in losses_cfg]
     inputs = [resolved_inputs(lc, cls, cfg) for lc, cls in zip(losses_cfg, loss_classes)]
-    inputs, problems = feature_refs(inputs, models)
+    published = published_refs(cfg, registry)
+    inputs, problems = feature_refs(inputs, models, published)
     if problems:
         raise ConfigError(problems=problems)
 
@@ -223,6 +242,8 @@ def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, de
     for term_inputs in inputs:
         for refs in term_inputs.values():
             for r in refs if isinstance(refs, list) else [refs]:
+                if str(r) in published or r.model == "labels":
+                    continue
                 if r.feature is not None and r.feature not in paths[r.model]:
                     paths[r.model].append(r.feature)
     taps = {name: FeatureTaps(models[name], p) for name, p in paths.items() if p}
@@ -238,14 +259,6 @@ def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, de
         temperature = getattr(lc.options, "temperature", None)
         terms.append(LossTerm(label, loss, term_inputs, weight=lc.weight, fusion=fusion, schedule=schedule, temperature=temperature))
 
-    needs_shapes = [t for t in terms if hasattr(t.loss, "setup")]
-    if needs_shapes:
-        if sample is None:
-            raise ValueError("losses with setup() need a sample batch")
-        shapes = _shapes(models, taps, sample)
-        for term in needs_shapes:
-            term.loss.setup({k: ([shapes[str(r)] for r in v] if isinstance(v, list) else shapes[str(v)]) for k, v in term.inputs.items()})
-
     for model in models.values():
         model.to(device)
     for term in terms:
@@ -260,26 +273,50 @@ def build_parts(cfg: PipelineConfig, registry: Registry, *, num_classes: int, de
     method = registry.get("method", cfg.method.name).factory(cfg.method.options, ctx)
     method.to(device)
     module = PipelineModule(models, terms, method)
+    needs_shapes = [t for t in terms if hasattr(t.loss, "setup")]
+    if needs_shapes:
+        if sample is None:
+            raise ValueError("losses with setup() need a sample batch")
+        shapes = probe_shapes(module, method.forward_outputs, taps, sample)
+        for term in needs_shapes:
+            term.loss.setup({k: input_shapes(v, shapes) for k, v in term.inputs.items()})
+            term.to(device)
     return Built(cfg, registry, device, module, method, models, taps, num_classes)
 
 
-def _shapes(models, taps, sample) -> dict[str, torch.Size]:
-    """Output and tapped-feature shapes from one forward of ``sample``, without side effects: the
-    models' state (BN statistics, data-initialised quantizer steps) is restored afterwards."""
-    shapes: dict[str, torch.Size] = {}
-    with torch.no_grad():
-        for name, model in models.items():
-            mode = model.training
-            state = {k: v.clone() for k, v in model.state_dict().items()}
-            model.eval()
-            out = model(sample)
-            shapes[name] = out.shape
-            if name in taps:
-                for path, feat in taps[name].features.items():
-                    shapes[f"{name}:{path}"] = feat.shape
-                taps[name].clear()
-            model.load_state_dict(state)
-            model.train(mode)
+def input_shapes(refs: Ref | list[Ref], shapes: dict[str, Any]) -> Any:
+    """The shape (or list of shapes) a loss input will have, flattened like ``LossTerm.forward``
+    flattens a list of references whose values are lists."""
+    if not isinstance(refs, list):
+        return shapes[str(refs)]
+    out = []
+    for r in refs:
+        s = shapes[str(r)]
+        out.extend(s if isinstance(s, list) else [s])
+    return out
+
+
+def probe_shapes(module: nn.Module, forward, taps: dict[str, FeatureTaps], sample: torch.Tensor) -> dict[str, Any]:
+    """Shapes by reference text from one eval-mode, gradient-free ``forward(sample)`` (a method's
+    ``forward_outputs``: model logits and published outputs) and the taps it fills, without side
+    effects: ``module``'s state (BN statistics, data-initialised quantizer steps) and train/eval
+    modes are restored afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    shapes: dict[str, Any] = {}
+    try:
+        module.eval()
+        with torch.no_grad():
+            for text, value in forward(sample).items():
+                shapes[text] = [v.shape for v in value] if isinstance(value, (list, tuple)) else value.shape
+        for name, model_taps in taps.items():
+            for path, feat in model_taps.features.items():
+                shapes[f"{name}:{path}"] = feat.shape
+            model_taps.clear()
+    finally:
+        module.load_state_dict(state)
+        for m, mode in modes.items():
+            m.train(mode)
     return shapes
 
 
