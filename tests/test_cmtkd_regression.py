@@ -115,10 +115,10 @@ def importance_key(qualified: str) -> str:
     return "pi/combine" if "combine_fusion" in tail else f"pi/stage{tail[-1]}"
 
 
-def compute(case: dict) -> dict[str, float | list[float]]:
+def compute(case: dict, raw: dict | None = None) -> dict[str, float | list[float]]:
     from kdtoolkit.methods import Progress
 
-    built = build(raw_config(case))
+    built = build(raw or raw_config(case))
     for name in sorted(built.models):
         _reinit_layers(built.models[name], _generator(f"model/{name}"))
     parts = named_parts(built.module)
@@ -177,6 +177,29 @@ def test_cmtkd_losses_and_gradients_equal_the_recorded_implementation(name):
         else:
             assert actual == pytest.approx(expected, rel=1e-5, abs=1e-8), key
     assert recorded["total"] > 0
+
+
+def explicit_losses_raw() -> dict:
+    """Case ``hwgq_attention_mean`` written as explicit ``[[losses]]`` instead of α, β, γ, T."""
+    case = CASES["hwgq_attention_mean"]
+    raw = raw_config(dict(case, method={"feature_stages": [0, 2]}))
+    raw["losses"] = [
+        {"name": "ce", "label": "ce_student", "weight": 0.7, "inputs": {"logits": "student"}},
+        {"name": "ce", "label": "ce_teacher", "weight": 0.7, "inputs": {"logits": "combined_teacher"}},
+        {"name": "minlogit", "label": "mutual", "weight": 0.3, "temperature": 3.0,
+         "inputs": {"logits": ["combined_teacher", "student"]}},
+        {"name": "attention", "label": "feature", "weight": 50.0, "detach_teacher": False,
+         "inputs": {"student": "student_features:stages", "teacher": "fused:stages"}},
+    ]
+    return raw
+
+
+def test_the_default_terms_written_as_explicit_losses_give_the_recorded_numbers():
+    recorded = comparable(json.loads(RECORD.read_text())["hwgq_attention_mean"])
+    now = comparable(compute(CASES["hwgq_attention_mean"], explicit_losses_raw()))
+    assert set(now) == set(recorded)
+    for key, expected in recorded.items():
+        torch.testing.assert_close(torch.tensor(now[key]), torch.tensor(expected), rtol=1e-5, atol=1e-8, msg=key)
 
 
 if __name__ == "__main__":  # writes the record; only ever run against the implementation it records

@@ -53,7 +53,15 @@ def effective_losses(cfg: PipelineConfig, registry: Registry) -> list[LossConfig
     if cfg.losses:
         return list(cfg.losses)
     defaults = getattr(method_class(cfg, registry), "default_losses", None)
-    return list(defaults(cfg)) if defaults else []
+    return [with_loss_options(lc, registry) for lc in defaults(cfg)] if defaults else []
+
+
+def with_loss_options(lc: LossConfig, registry: Registry) -> LossConfig:
+    """A method's default term may give its loss options as a dict (a method does not import other
+    plugins' options classes): they become the loss's options object here."""
+    if isinstance(lc.options, dict):
+        return attrs.evolve(lc, options=registry.get("loss", lc.name).make_options(**lc.options))
+    return lc
 
 
 def loss_labels(losses: list[LossConfig]) -> list[str]:

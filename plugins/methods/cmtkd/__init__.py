@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import kdtoolkit
 from kdtoolkit_plugins.methods.cmtkd import commands
-from kdtoolkit_plugins.methods.cmtkd.method import CMTKD, COMBINED, CMTKDOptions
+from kdtoolkit_plugins.methods.cmtkd.method import CMTKD, COMBINED
+from kdtoolkit_plugins.methods.cmtkd.options import CMTKDOptions
 
 __all__ = ["CMTKD", "CMTKDOptions", "COMBINED", "register_commands", "register_methods"]
 
