@@ -143,3 +143,11 @@ def test_every_paper_example_gets_eq10_as_its_default_terms(path):
     if gamma:
         assert terms["feature"].options.detach_teacher is False
         assert terms["feature"].inputs == {"student": "student_features:stages", "teacher": "fused:stages"}
+
+
+def test_the_explicit_losses_example_is_the_default_pipeline():
+    default = Pipeline.from_toml(EXAMPLES / "cifar100_resnet18_cmtkd.toml")
+    explicit = Pipeline.from_toml(EXAMPLES / "cifar100_resnet18_cmtkd_explicit_losses.toml")
+    assert explicit.config.losses and not default.config.losses
+    assert effective_losses(explicit.config, explicit.registry) == effective_losses(default.config, default.registry)
+    assert explicit.config.models == default.config.models and explicit.config.optimizer == default.config.optimizer

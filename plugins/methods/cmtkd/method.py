@@ -205,8 +205,8 @@ class CMTKD(LossTermsMethod):
         student = students[0]
         terms = []
         if o.alpha > 0:
-            terms += [LossConfig(name="ce", label="ce_student", weight=o.alpha, inputs={"logits": student}),
-                      LossConfig(name="ce", label="ce_teacher", weight=o.alpha, inputs={"logits": COMBINED})]
+            terms += [LossConfig(name="ce", label="ce_student", weight=o.alpha, inputs={"logits": student}, options={}),
+                      LossConfig(name="ce", label="ce_teacher", weight=o.alpha, inputs={"logits": COMBINED}, options={})]
         if o.beta > 0:
             terms.append(LossConfig(name="minlogit", label="mutual", weight=o.beta, inputs={"logits": [COMBINED, student]},
                                     options={"temperature": o.temperature}))
