@@ -125,7 +125,7 @@ def hand_loop(student, teachers, pis, optimizer, loader, steps: int) -> int:
 
 def hand_setup(pipe, built):
     """The loop's own networks (same architecture, quantizers and initial weights), π and optimizer."""
-    from kdtoolkit.engine.build import build_model
+    from kdtoolkit.engine.assemble import build_model
 
     names = list(pipe.config.models)
     nets = {n: build_model(pipe.config, pipe.registry, n, built.num_classes) for n in names}
@@ -191,12 +191,12 @@ def throughput(root, batch: int, rounds: int) -> dict:
 def memory_child(root, teachers: int, batch: int) -> dict:
     """Run in a fresh process: build, two engine steps, and one forward's saved-for-backward bytes."""
     from kdtoolkit import Pipeline
-    from kdtoolkit.engine.build import build_optimizer
+    from kdtoolkit.engine.optim import build_optimizer
 
     pipe = Pipeline.from_dict(pipeline_dict(root, teachers, batch, 1), plugins=cmtkd_plugins())
     built = pipe.build()
     _, loader, _ = built.data
-    optimizer = build_optimizer(pipe.config, built.module, built.method)
+    optimizer = build_optimizer(pipe.config, built.module)
     batches = iter(loader)
     built.module.train()
     rss_built = _rss_mib()

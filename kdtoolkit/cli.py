@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from kdtoolkit.commands import PluginCommandGroup
+from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.errors import KDToolkitError
 
 
@@ -57,7 +58,9 @@ def _load(path, overrides, device=None):
 def run(pipeline, overrides, resume, device):
     """Train and evaluate the pipeline in PIPELINE (a TOML file)."""
     pipe = _load(pipeline, overrides, device)
-    pipe.validate()
+    if pipe.config.run.host_memory == "reuse":
+        reuse_freed_memory()  # process-wide, once: no page faults for each step's tensors
+    pipe.validate(full=True)  # everything fit() needs, built once and reused by fit()
     result = pipe.fit(resume=resume)
     best = result["best"]
     click.echo(f"run directory: {result['run_dir']}")
@@ -68,11 +71,12 @@ def run(pipeline, overrides, resume, device):
 @main.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+@click.option("--full", is_flag=True, help="Also read the data and the referenced checkpoints and build everything training needs (what `run` checks).")
 @user_errors
-def validate(pipeline, overrides):
+def validate(pipeline, overrides, full):
     """Check PIPELINE without training: every problem, with its key path."""
     pipe = _load(pipeline, overrides)
-    pipe.validate()
+    pipe.validate(full=full)
     n = len(pipe.config.models)
     click.echo(f"{pipeline}: ok ({n} model{'s' if n != 1 else ''}, method {pipe.config.method.name!r})")
 

@@ -22,7 +22,7 @@ def float32_bytes(model: nn.Module) -> int:
 
 def export_run(run_dir: str | Path, out: str | Path, *, model_name: str | None = None, checkpoint: str = "best") -> dict[str, Any]:
     from kdtoolkit.config.load import make_converter
-    from kdtoolkit.engine.build import build_model
+    from kdtoolkit.engine.assemble import build_model
     from kdtoolkit.engine.checkpoint import Checkpoint
     from kdtoolkit.pipeline import Pipeline
     from kdtoolkit.quant.export import export_quantized

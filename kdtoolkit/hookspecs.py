@@ -1,13 +1,20 @@
 """Hook specifications: the whole extension surface of kdtoolkit.
 
 Every extension kind has one hook, ``register_<kind>s(register)``. A plugin implements the hook and
-calls ``register(name, factory, options=OptionsClass, description="...")`` once per component. The
-host records which plugin registered which name, rejects duplicates (naming both plugins), and builds
-the configuration converter from the ``options`` classes, so each component brings its own typed,
-validated options (an ``attrs`` class; ``None`` for a component without options).
+calls ``register`` once per component::
+
+    register(name, factory, *, options=None, description="", inputs=None, needs_labels=False, requires=None)
+
+The host records which plugin registered which name, rejects duplicates (naming both plugins) and
+checks the contract of each kind at registration (``kdtoolkit.registration``): a ``PluginError``
+naming the plugin, never a late traceback. ``options`` is an ``attrs`` class (``None`` for a
+component without options): the pipeline's table is structured into it and validated.
+``requires={"fusion": ["importance"]}`` names other components this one needs; ``validate`` fails
+when they are missing (a blocked plugin), naming both.
 
 The hooks are listed in the order a pipeline uses them. Each docstring says what ``factory`` is
-called with and what it must return.
+called with (``Factory:``) and what it must return (``Returns:``); ``tests/test_hookspecs.py``
+checks them against the engine.
 """
 
 from __future__ import annotations
@@ -21,9 +28,13 @@ hookspec = pluggy.HookspecMarker("kdtoolkit")
 def register_datasets(register):
     """Register datasets.
 
-    Factory: ``factory(options, *, root: pathlib.Path, download: bool) -> kdtoolkit.data.DatasetSplits``.
-    Return in-memory uint8 tensors (``TensorSplit``) for data that fits in memory, or a
-    ``torch.utils.data.Dataset`` per split for data that does not (ImageNet must never be loaded).
+    :param register: ``register(name, factory, *, options=None, description="")``.
+
+    Factory: ``factory(options, *, root, download)``, with ``root: pathlib.Path`` (the data root,
+    resolved by the core) and ``download: bool``.
+
+    Returns: ``kdtoolkit.data.DatasetSplits``: in-memory uint8 tensors (``TensorSplit``) for data
+    that fits in memory, or a ``torch.utils.data.Dataset`` per split for data that does not.
     """
 
 
@@ -31,10 +42,13 @@ def register_datasets(register):
 def register_models(register):
     """Register model architectures.
 
-    Factory: ``factory(options, *, num_classes: int) -> torch.nn.Module`` returning a float model.
-    A model that can run stage by stage (needed by CMT-KD, used by attention defaults) defines
-    ``stage_paths`` (module paths ending each stage) and ``forward_stage(k, x)``: see
-    ``kdtoolkit.models.StagedModel``.
+    :param register: ``register(name, factory, *, options=None, description="")``.
+
+    Factory: ``factory(options, *, num_classes)``, with ``num_classes: int`` from the dataset.
+
+    Returns: a float ``torch.nn.Module`` mapping images to logits. A model that can run stage by
+    stage (CMT-KD; the default layers of attention losses, ``"<model>:stages"``) defines
+    ``stage_paths`` and ``forward_stage(k, x)``: see ``kdtoolkit.models.StagedModel``.
     """
 
 
@@ -42,9 +56,14 @@ def register_models(register):
 def register_quantizers(register):
     """Register quantizers for quantization-aware training.
 
-    Factory: ``factory(options) -> kdtoolkit.quant.Quantizer``: an object whose
-    ``weight_quantizer(bits, module)`` and ``act_quantizer(bits, module)`` return ``nn.Module``
-    fake-quantizers. The options class must have ``weight_bits`` and ``act_bits`` fields.
+    :param register: ``register(name, factory, *, options=..., description="")``; the options
+        class must have ``weight_bits`` and ``act_bits`` fields.
+
+    Factory: ``factory(options)``.
+
+    Returns: a ``kdtoolkit.quant.Quantizer``: ``weight_quantizer(bits, module)`` and
+    ``act_quantizer(bits, module)`` return ``nn.Module`` fake-quantizers (see ``kdtoolkit.quant.base``
+    for what export and warm start need of them).
     """
 
 
@@ -52,10 +71,18 @@ def register_quantizers(register):
 def register_losses(register):
     """Register loss functions (classification and distillation).
 
-    Factory: ``factory(options) -> kdtoolkit.losses.Loss``: an ``nn.Module`` with a class attribute
-    ``inputs`` (names of its tensor arguments, e.g. ``("student", "teacher")``) and
-    ``forward(**inputs) -> scalar Tensor``. Optional ``setup(shapes)`` receives the shape of each
-    input before training (to build e.g. a FitNet regressor).
+    :param register: ``register(name, factory, *, options=None, description="", inputs=(...))``.
+        ``inputs`` names the loss's keyword arguments (``("student", "teacher")``); without it the
+        factory's ``inputs`` attribute is read; neither is a registration error. ``student``,
+        ``logits`` and ``teacher`` default to the pipeline's roles; ``labels`` is filled from the
+        batch; a term's ``fusion`` combines a list given as ``teacher``.
+
+    Factory: ``factory(options)``: a class or a plain function.
+
+    Returns: a callable ``loss(**inputs) -> scalar Tensor``, unweighted (``kdtoolkit.losses.Loss``).
+    Optional: ``detach`` (input names the core detaches before the call: fixed targets) and
+    ``setup(shapes)`` (each input's shape, a list for list inputs, once before training: e.g. to
+    build a FitNet regressor), ``param_groups()`` (default parameter groups of its parameters).
     """
 
 
@@ -63,9 +90,14 @@ def register_losses(register):
 def register_fusions(register):
     """Register teacher-fusion strategies (how several teachers' outputs become one target).
 
-    Factory: ``factory(options, *, num_inputs: int) -> nn.Module`` whose
-    ``forward(tensors: list[Tensor], temperature: float | None = None) -> Tensor`` fuses them.
-    Learnable fusions (importance weights) hold their parameters as the module's own.
+    :param register: ``register(name, factory, *, options=None, description="", needs_labels=False)``.
+        ``needs_labels=True``: the fusion is called with ``labels=`` (its ``forward`` must take them).
+
+    Factory: ``factory(options, *, num_inputs)``, with ``num_inputs: int`` (the number of tensors).
+
+    Returns: an ``nn.Module`` whose ``forward(tensors, temperature=None)`` (plus ``labels=`` when
+    registered with ``needs_labels``) fuses a list of tensors into one. Learnable fusions hold their
+    parameters as the module's own; optional ``param_groups()`` gives their default groups.
     """
 
 
@@ -73,9 +105,12 @@ def register_fusions(register):
 def register_schedules(register):
     """Register schedules: multipliers of a learning rate or a loss weight over training.
 
-    Factory: ``factory(options) -> kdtoolkit.schedules.Schedule``: a callable
-    ``schedule(epoch: float, total_epochs: int) -> float`` (``epoch`` is fractional inside an
-    epoch). It must be a pure function of its arguments so that resumed runs are exact.
+    :param register: ``register(name, factory, *, options=None, description="")``.
+
+    Factory: ``factory(options)``.
+
+    Returns: a callable ``schedule(epoch, total_epochs) -> float`` (``epoch`` is fractional inside
+    an epoch). It must be a pure function of its arguments so that resumed runs are exact.
     """
 
 
@@ -83,10 +118,27 @@ def register_schedules(register):
 def register_methods(register):
     """Register training methods: what one training step computes.
 
-    Factory: ``factory(options, context: kdtoolkit.methods.MethodContext) -> kdtoolkit.methods.Method``:
-    an ``nn.Module`` whose ``training_step(batch)`` returns the named loss terms (already weighted)
-    that the engine sums, and whose ``evaluate_logits(images)`` returns the logits of each model it
-    evaluates. Its own parameters (e.g. fusion weights) are saved in checkpoints.
+    :param register: ``register(name, factory, *, options=None, description="", requires=None)``.
+        The factory must be a subclass of ``kdtoolkit.methods.Method`` (usually of
+        ``LossTermsMethod``); a public member named like a near miss of a ``Method`` member is a
+        registration error.
+
+    Factory: ``factory(options, context)``, with ``context: kdtoolkit.methods.MethodContext``.
+
+    Returns: the method, an ``nn.Module``. The engine calls these ``Method`` members (each has a
+    default on the base class), in this order:
+
+    - ``check(options, config)``: class method; problems as ``(key_path, message)``.
+    - ``outputs(options, config)``: class method; named tensors it publishes, ``name -> kind``.
+    - ``extra_models(options, config)``: class method; networks it adds, ``name -> ModelConfig``.
+    - ``default_losses(options, config)``: class method; ``LossConfig`` terms without ``[[losses]]``.
+    - ``check_models(options, config, models)``: class method, pure; problems with the built models.
+    - ``prepare_models(options, config, models)``: class method; the one step that changes them.
+    - ``param_groups()``: default ``(patterns, lr_scale[, weight_decay])`` groups.
+    - ``training_step(images, labels, progress)``: the named, weighted loss terms of one batch.
+    - ``forward_outputs(images)``: model logits and published outputs, by reference text.
+    - ``epoch_metrics()``: extra values for the epoch's metrics row.
+    - ``evaluate_logits(images)``: logits of each evaluated model.
     """
 
 

@@ -24,17 +24,31 @@ from kdtoolkit.schedules import Schedule
 Value = Union[torch.Tensor, list[torch.Tensor]]
 
 class Loss(Protocol):
-    """What a loss plugin's factory returns (an ``nn.Module``).
+    """What a loss plugin's factory returns: a callable (usually an ``nn.Module``) taking its inputs
+    as keyword arguments and returning the unweighted scalar loss.
 
-    ``inputs`` names its tensor arguments (``labels`` is filled from the batch); ``detach`` names
-    the inputs it treats as targets and detaches itself. ``forward(**inputs)`` returns the
-    unweighted scalar loss. An optional ``setup(shapes)`` receives each input's shape (a list of
-    shapes for list inputs) once before training, to create parameters (a FitNet regressor)."""
+    The inputs it takes are declared at registration (``register(..., inputs=(...))``) or by an
+    ``inputs`` attribute of the factory; ``labels`` is filled from the batch. ``detach`` (optional)
+    names the inputs it treats as fixed targets: the core detaches them before the call
+    (:func:`call_loss`), so the loss itself never calls ``.detach()`` on an input. An optional
+    ``setup(shapes)`` receives each input's shape (a list of shapes for list inputs) once before
+    training, to create parameters (a FitNet regressor)."""
 
-    inputs: ClassVar[tuple[str, ...]]
     detach: ClassVar[tuple[str, ...]]
 
     def __call__(self, **inputs) -> torch.Tensor: ...
+
+
+def call_loss(loss: Callable[..., torch.Tensor], **inputs: Value) -> torch.Tensor:
+    """``loss(**inputs)`` with the inputs named in ``loss.detach`` detached (lists element-wise):
+    how the core calls every loss."""
+    for name in getattr(loss, "detach", ()):
+        value = inputs.get(name)
+        if isinstance(value, torch.Tensor):
+            inputs[name] = value.detach()
+        elif isinstance(value, (list, tuple)):
+            inputs[name] = [v.detach() for v in value]
+    return loss(**inputs)
 
 
 #: the input name that a term's ``fusion`` applies to
@@ -90,14 +104,18 @@ class LossTerm(nn.Module):
     def __init__(
         self,
         label: str,
-        loss: nn.Module,
+        loss: Callable[..., torch.Tensor],
         inputs: Mapping[str, Ref | list[Ref]],
         *,
         weight: float = 1.0,
         fusion: nn.Module | None = None,
         schedule: Schedule | None = None,
         temperature: float | None = None,
+        takes_labels: bool = False,
+        fusion_needs_labels: bool = False,
     ):
+        """``takes_labels``: the loss declares a ``labels`` input; ``fusion_needs_labels``: the
+        fusion was registered with ``needs_labels=True`` (it is called with ``labels=``)."""
         super().__init__()
         self.label = label
         self.loss = loss
@@ -106,12 +124,8 @@ class LossTerm(nn.Module):
         self.weight = float(weight)
         self.schedule = schedule
         self.temperature = temperature
-
-    def refs(self) -> list[Ref]:
-        out = []
-        for ref in self.inputs.values():
-            out.extend(ref if isinstance(ref, list) else [ref])
-        return out
+        self.takes_labels = takes_labels
+        self.fusion_needs_labels = fusion_needs_labels
 
     def current_weight(self, epoch: float, total_epochs: int) -> float:
         if self.schedule is None:
@@ -130,11 +144,12 @@ class LossTerm(nn.Module):
                     v = value(r)
                     tensors.extend(v if isinstance(v, list) else [v])
                 if self.fusion is not None and name == FUSED_INPUT:
-                    kwargs[name] = self.fusion(tensors, temperature=self.temperature)
+                    extra = {"labels": labels} if self.fusion_needs_labels else {}
+                    kwargs[name] = self.fusion(tensors, temperature=self.temperature, **extra)
                 else:
                     kwargs[name] = tensors
             else:
                 kwargs[name] = value(ref)
-        if "labels" in getattr(self.loss, "inputs", ()):
+        if self.takes_labels:
             kwargs["labels"] = labels
-        return weight * self.loss(**kwargs)
+        return weight * call_loss(self.loss, **kwargs)

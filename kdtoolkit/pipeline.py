@@ -45,14 +45,17 @@ class Pipeline:
             raise TypeError("config must be a PipelineConfig or a dict")
         self.registry: Registry = load_registry(blocked=blocked, plugins=self._plugins, load_entrypoints=load_entrypoints)
         raw = unstructure(config, self.registry) if isinstance(config, PipelineConfig) else dict(config)
-        self.config: PipelineConfig = structure(raw, self.registry)
-        self.raw: dict = unstructure(self.config, self.registry)
-        from kdtoolkit.engine.build import check_config
+        structured = structure(raw, self.registry)
+        #: the pipeline as written (``pipeline.json``); ``config`` adds the method's extra models
+        self.raw: dict = unstructure(structured, self.registry)
+        from kdtoolkit.engine.checks import check_config, with_extra_models
 
-        problems = check_config(self.config, self.registry)
+        self.config, problems = with_extra_models(structured, self.registry)
+        problems += check_config(self.config, self.registry, blocked=tuple(blocked))
         if problems:
             raise ConfigError(problems=problems)
         self._built = None
+        self._data = None
         self._data_root: Path | None = None
         self._recorded_data_root: str | None = None
 
@@ -85,30 +88,34 @@ class Pipeline:
     def run_dir(self) -> Path:
         return Path(self.config.run.output_dir.format(name=self.config.run.name))
 
-    def validate(self) -> None:
-        """Deeper checks that need built models (feature paths); raises ``ConfigError``."""
-        from kdtoolkit.engine.build import build_model, effective_losses, feature_refs, published_refs, resolved_inputs
+    def validate(self, *, full: bool = False) -> None:
+        """Checks that need built models; raises ``ConfigError`` (or ``CheckpointError``, ``DataError``).
+
+        Without ``full``: every model is built (at a placeholder class count, without pretrained
+        weights) and feature paths and the method's ``check_models`` are checked; no file is read.
+        With ``full``: everything ``fit`` would do before training, once: the data, the models with
+        their pretrained weights (missing or misfitting checkpoints), losses' ``setup`` on the
+        probe shapes, the method, the optimizer. ``build``/``fit`` then reuse what it built.
+        """
+        if full:
+            self.build()
+            return
+        from kdtoolkit.engine.assemble import build_networks
 
         torch_state = torch.get_rng_state()
         try:
-            models = {n: build_model(self.config, self.registry, n, PLACEHOLDER_CLASSES) for n in self.config.models}
+            build_networks(self.config, self.registry, num_classes=PLACEHOLDER_CLASSES, load_weights=False)
         finally:
             torch.set_rng_state(torch_state)
-        losses = effective_losses(self.config, self.registry)
-        inputs = [resolved_inputs(lc, self.registry.get("loss", lc.name).factory, self.config) for lc in losses]
-        _, problems = feature_refs(inputs, models, published_refs(self.config, self.registry))
-        method = self.registry.get("method", self.config.method.name).factory
-        if hasattr(method, "check_models"):
-            problems += method.check_models(self.config.method.options, self.config, models)
-        if problems:
-            raise ConfigError(problems=problems)
 
     # -- building --
-    def build(self, *, device: torch.device | None = None):
-        """Data, models, losses and method, ready to train (``fit`` calls this)."""
+    def load_data(self, *, device: torch.device | None = None):
+        """The dataset's splits and the train and test loaders (once; ``build`` calls this)."""
+        if self._data is not None:
+            return self._data
         from kdtoolkit.data.loader import make_loader
         from kdtoolkit.data.roots import resolve_data_root
-        from kdtoolkit.engine.build import build_parts, resolve_device
+        from kdtoolkit.engine.assemble import resolve_device
         from kdtoolkit.engine.distributed import dist_info, make_sampler
 
         cfg = self.config
@@ -116,7 +123,6 @@ class Pipeline:
         if cfg.run.precision == "fp16" and device.type != "cuda":
             raise ConfigError(problems=[("run.precision", "fp16 needs CUDA; use bf16 on the CPU")])
         info = dist_info()
-        torch.manual_seed(cfg.run.seed)
         root = resolve_data_root(cfg.data.root, recorded=self._recorded_data_root)
         self._data_root = root
         splits = self.registry.get("dataset", cfg.data.name).factory(cfg.data.options, root=root, download=cfg.data.download)
@@ -129,11 +135,23 @@ class Pipeline:
         )
         test_sampler = make_sampler(len(splits.test), shuffle=False, seed=cfg.run.seed, drop_last=False, info=info)
         test_loader = make_loader(splits.test, batch_size=cfg.data.eval_batch_size, sampler=test_sampler, augment=False, seed=cfg.run.seed, **common)
+        self._data = (splits, train_loader, test_loader)
+        return self._data
+
+    def build(self, *, device: torch.device | None = None):
+        """Data, models, losses, method, optimizer and LR schedule, ready to train, built once
+        (``validate(full=True)`` and ``fit`` call this; later calls return the same object)."""
+        if self._built is not None:
+            return self._built
+        from kdtoolkit.engine.assemble import assemble, build_networks, resolve_device
+
+        cfg = self.config
+        device = device or resolve_device(cfg.run.device)
+        torch.manual_seed(cfg.run.seed)
+        splits, train_loader, test_loader = self.load_data(device=device)
         sample = next(iter(test_loader))[0][:8]
-        built = build_parts(cfg, self.registry, num_classes=splits.num_classes, device=device, sample=sample)
-        if cfg.run.channels_last:
-            for model in built.models.values():
-                model.to(memory_format=torch.channels_last)
+        networks = build_networks(cfg, self.registry, num_classes=splits.num_classes)
+        built = assemble(cfg, self.registry, networks, device=device, sample=sample)
         built.data = (splits, train_loader, test_loader)
         self._built = built
         return built
@@ -159,7 +177,10 @@ class Pipeline:
         trainer = Trainer(built, train_loader, test_loader, run_dir, dist=info, raw_config=self.raw, stream=stream)
         if info.is_main:
             (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
-        return trainer.fit(resume=resume)
+        result = trainer.fit(resume=resume)
+        if info.is_main:  # now the quantizers have run: whether their native kernels were available
+            (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(self._environment(), indent=2) + "\n")
+        return result
 
     def _environment(self) -> dict[str, Any]:
         import platform
@@ -176,8 +197,9 @@ class Pipeline:
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
             "host_memory": applied() or "unchanged",
-            # on the CPU the quantizers use them when available; None: no quantized model
-            "native_quantizer_kernels": native.status()["available"] if quantized else None,
+            # on the CPU the quantizers use them when available; None: no quantized model. Never
+            # built here: "not tried yet" until a quantizer has run in this process
+            "native_quantizer_kernels": (known["available"] if (known := native.known_status()) else "not tried yet") if quantized else None,
         }
 
     def evaluate(self, checkpoint: str | Path | None = None, *, stream=sys.stderr) -> dict[str, float]:

@@ -18,6 +18,7 @@ import pluggy
 
 from kdtoolkit import hookspecs
 from kdtoolkit.errors import ConfigError, PluginError
+from kdtoolkit.registration import check_contract
 
 PROJECT = "kdtoolkit"
 BLOCK_ENV = "KDTOOLKIT_BLOCK_PLUGINS"
@@ -37,6 +38,12 @@ class Component:
     options: type | None
     plugin: str
     description: str = ""
+    #: losses: the input names (``register(..., inputs=...)`` or the factory's ``inputs``)
+    inputs: tuple[str, ...] = ()
+    #: fusions: called with ``labels=`` (``register(..., needs_labels=True)``)
+    needs_labels: bool = False
+    #: other components this one needs, by kind (``register(..., requires={"fusion": ["importance"]})``)
+    requires: dict[str, tuple[str, ...]] = attrs.Factory(dict)
 
     def make_options(self, **values):
         """Build this component's options from keyword values (defaults for the rest)."""
@@ -157,6 +164,9 @@ def collect(pm: pluggy.PluginManager) -> Registry:
                 *,
                 options: type | None = None,
                 description: str = "",
+                inputs: Iterable[str] | None = None,
+                needs_labels: bool = False,
+                requires: dict[str, Iterable[str]] | None = None,
                 _kind: str = kind,
                 _plugin: str = plugin_name,
             ) -> None:
@@ -166,7 +176,8 @@ def collect(pm: pluggy.PluginManager) -> Registry:
                     raise PluginError(f"plugin {_plugin!r}: {_kind} {name!r} factory is not callable")
                 if options is not None and not attrs.has(options):
                     raise PluginError(f"plugin {_plugin!r}: {_kind} {name!r} options must be an attrs class")
-                registry.add(Component(_kind, name, factory, options, _plugin, description))
+                contract = check_contract(_kind, name, factory, _plugin, kinds=KINDS, inputs=inputs, needs_labels=needs_labels, requires=requires)
+                registry.add(Component(_kind, name, factory, options, _plugin, description, **contract))
 
             impl.function(**{"register": register})
     return registry

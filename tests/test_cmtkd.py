@@ -15,7 +15,8 @@ from conftest import run_pipeline_process
 import torch
 
 from kdtoolkit import Pipeline
-from kdtoolkit.engine.build import build_optimizer, build_parts
+from kdtoolkit.engine.assemble import build_parts
+from kdtoolkit.engine.optim import build_optimizer
 from kdtoolkit.engine.checkpoint import Checkpoint
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.methods import Progress
@@ -255,7 +256,7 @@ def test_param_groups_epoch_metrics_and_state_dict():
     raw["optimizer"] = {"lr": 0.1}
     built = build(raw)
     pipe = Pipeline.from_dict(raw, plugins=cmtkd_plugins())
-    opt = build_optimizer(pipe.config, built.module, built.method)
+    opt = build_optimizer(pipe.config, built.module)
     groups = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
     for k in range(3):
         assert groups[f"method.fusion.{k}.importance"] == pytest.approx(0.01)
@@ -265,7 +266,7 @@ def test_param_groups_epoch_metrics_and_state_dict():
     assert decay["method.fusion.0.importance"] == decay["models.student.conv1.weight"] == 5e-4  # default: the optimizer's
     raw["method"]["importance_weight_decay"] = 0.0
     pipe, rebuilt = Pipeline.from_dict(raw, plugins=cmtkd_plugins()), build(raw)
-    no_decay = build_optimizer(pipe.config, rebuilt.module, rebuilt.method)
+    no_decay = build_optimizer(pipe.config, rebuilt.module)
     decay = {n: g["weight_decay"] for g in no_decay.param_groups for n in g["names"]}
     assert decay["method.fusion.2.importance"] == decay["method.combine_fusion.importance"] == 0.0
     assert decay["models.student.conv1.weight"] == 5e-4
@@ -443,7 +444,7 @@ def test_imagenet_alexnet_examples_are_natively_staged():
     """The ImageNet AlexNet CMT-KD examples use alexnet_bn (geometry = "imagenet"), staged natively: no
     declared stages, and the quantized student splits at pool2 / relu4 / pool5 (``kdtoolkit validate``
     builds the models but not the method, so it cannot see this)."""
-    from kdtoolkit.engine.build import build_model
+    from kdtoolkit.engine.assemble import build_model
     from kdtoolkit.models import StagedModel
 
     examples = Path(__file__).resolve().parents[1] / "examples" / "cmtkd"

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from kdtoolkit import Pipeline
 from kdtoolkit.cli import main
-from kdtoolkit.engine.build import build_parts, effective_losses
+from kdtoolkit.engine.assemble import build_parts
+from kdtoolkit.engine.checks import effective_losses
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.methods import Progress
 
@@ -151,3 +152,12 @@ def test_the_explicit_losses_example_is_the_default_pipeline():
     assert explicit.config.losses and not default.config.losses
     assert effective_losses(explicit.config, explicit.registry) == effective_losses(default.config, default.registry)
     assert explicit.config.models == default.config.models and explicit.config.optimizer == default.config.optimizer
+
+
+def test_validate_fails_when_the_importance_fusion_plugin_is_blocked(tmp_path):
+    """E6 of the review: `kdtoolkit validate` said ok for CMT-KD with the `fusions` plugin blocked."""
+    path = tmp_path / "p.toml"
+    path.write_text((EXAMPLES / "cifar100_resnet18_cmtkd.toml").read_text() + '\n[plugins]\nblocked = ["fusions"]\n')
+    r = CliRunner().invoke(main, ["validate", str(path)])
+    assert r.exit_code == 2, r.output
+    assert "error: method.name: method 'cmtkd' (plugin 'cmtkd') needs fusion 'importance'" in r.output and "Traceback" not in r.output

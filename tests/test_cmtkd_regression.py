@@ -102,7 +102,7 @@ def named_parts(module: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
 def build(raw: dict):
     """The assembled pipeline (models, loss terms, method) for ``raw``, on the CPU."""
     from kdtoolkit import Pipeline
-    from kdtoolkit.engine.build import build_parts
+    from kdtoolkit.engine.assemble import build_parts
 
     pipe = Pipeline.from_dict(raw)
     sample = torch.randn(4, 3, 16, 16, generator=_generator("sample"))

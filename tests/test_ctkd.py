@@ -18,7 +18,8 @@ from torch import nn
 
 import kdtoolkit_plugins.methods.ctkd as ctkd_module
 from kdtoolkit import Pipeline
-from kdtoolkit.engine.build import build_optimizer, effective_losses
+from kdtoolkit.engine.checks import effective_losses
+from kdtoolkit.engine.optim import build_optimizer
 from kdtoolkit.engine.checkpoint import Checkpoint, save_checkpoint
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.losses import Ref
@@ -273,7 +274,7 @@ def test_share_first_conv_is_one_parameter_through_save_and_load(cifar10_root, t
     student, scratch = built.models["student"], built.models["scratch"]
     assert student.conv1.weight is scratch.conv1.weight
     assert student.block1[0].conv1.weight is not scratch.block1[0].conv1.weight
-    opt = build_optimizer(built.config, built.module, built.method)
+    opt = build_optimizer(built.config, built.module)
     params = [p for g in opt.param_groups for p in g["params"]]
     assert sum(p is scratch.conv1.weight for p in params) == 1
     assert len(params) == len({id(p) for p in params})
@@ -297,7 +298,7 @@ def test_share_first_conv_is_one_parameter_through_save_and_load(cifar10_root, t
     assert fresh.models["student"].conv1.weight is fresh.models["scratch"].conv1.weight
     for k, v in built.module.state_dict().items():
         assert torch.equal(fresh.module.state_dict()[k], v), k
-    fresh_opt = build_optimizer(fresh.config, fresh.module, fresh.method)
+    fresh_opt = build_optimizer(fresh.config, fresh.module)
     fresh_opt.load_state_dict(Checkpoint(path).optimizer_state())
 
 

@@ -178,10 +178,10 @@ def test_param_groups_and_bf16_channels_last(cifar10_root, tmp_path):
     pipe = Pipeline.from_dict(raw)
     result = pipe.fit()
     assert result["last"]["step"] == 2
-    from kdtoolkit.engine.build import build_optimizer
+    from kdtoolkit.engine.optim import build_optimizer
 
     built = pipe._built
-    opt = build_optimizer(pipe.config, built.module, built.method)
+    opt = build_optimizer(pipe.config, built.module)
     groups = {tuple(g["names"]): g for g in opt.param_groups}
     fc = next(g for names, g in groups.items() if "models.student.fc.weight" in names)
     assert fc["lr"] == pytest.approx(0.005) and fc["weight_decay"] == 0.0

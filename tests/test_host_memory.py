@@ -72,29 +72,26 @@ def test_reuse_is_idempotent_and_reported(monkeypatch):
         assert first.startswith("unchanged")
 
 
-def test_trainer_applies_the_run_setting(monkeypatch, tmp_path):
-    """host_memory = "system" leaves malloc alone; the default asks for reuse."""
-    import torch
+def test_cli_run_applies_the_run_setting(monkeypatch, tmp_path):
+    """host_memory = "system" leaves malloc alone; the default asks for reuse (the CLI's `run`
+    applies it: a process-wide setting is the application's, not the library's)."""
+    from click.testing import CliRunner
 
     from kdtoolkit import Pipeline
-    from kdtoolkit.engine import trainer as trainer_module
-    from kdtoolkit.engine.distributed import DistInfo
+    from kdtoolkit import cli as cli_module
 
     calls = []
-    monkeypatch.setattr(trainer_module, "reuse_freed_memory", lambda: calls.append(1) or "reuse")
+    monkeypatch.setattr(cli_module, "reuse_freed_memory", lambda: calls.append(1) or "reuse")
+    monkeypatch.setattr(Pipeline, "validate", lambda self, **kw: None)
+    monkeypatch.setattr(Pipeline, "fit", lambda self, **kw: {"best": None, "run_dir": "x"})
     for setting, expected in (("system", 0), ("reuse", 1)):
         calls.clear()
-        raw = {
-            "run": {"name": "m", "host_memory": setting, "output_dir": str(tmp_path / setting)},
-            "data": {"name": "cifar10"},
-            "models": {"student": {"name": "wrn", "depth": 10, "width": 1}},
-            "method": {"name": "supervised"},
-            "losses": [{"name": "ce"}],
-        }
-        pipe = Pipeline.from_dict(raw)
-        from kdtoolkit.engine.build import build_parts
-
-        built = build_parts(pipe.config, pipe.registry, num_classes=10, device=torch.device("cpu"),
-                            sample=torch.randn(2, 3, 32, 32))
-        trainer_module.Trainer(built, [], [], tmp_path / setting, dist=DistInfo(), raw_config=pipe.raw)
+        path = tmp_path / f"{setting}.toml"
+        path.write_text(
+            f'[run]\nname = "m"\nhost_memory = "{setting}"\noutput_dir = "{(tmp_path / setting).as_posix()}"\n'
+            '[data]\nname = "cifar10"\n[models.student]\nname = "wrn"\ndepth = 10\nwidth = 1\n'
+            '[method]\nname = "supervised"\n[[losses]]\nname = "ce"\n'
+        )
+        result = CliRunner().invoke(cli_module.main, ["run", str(path)])
+        assert result.exit_code == 0, result.output
         assert len(calls) == expected, setting

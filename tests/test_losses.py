@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import kdtoolkit_plugins.losses as losses_plugin
+from kdtoolkit.losses import call_loss
 from kdtoolkit.plugins import load_registry
 
 B, C = 6, 10
@@ -113,7 +114,7 @@ def test_kd_value_and_gradient(registry, T):
     zs, zt = randn(B, C, seed=1, scale=3), randn(B, C, seed=2, scale=3)
     loss = make(registry, "kd", temperature=T)
     assert loss.detach == ("teacher",)
-    out = loss(student=zs, teacher=zt)
+    out = call_loss(loss, student=zs, teacher=zt)
     ref = ref_kl(ref_softmax(zt.detach() / T), zs, T)
     torch.testing.assert_close(out, ref)
     out.backward()
@@ -127,17 +128,17 @@ def test_kd_value_and_gradient(registry, T):
 def test_kd_temperature_scaling(registry):
     zs, zt = randn(B, C, seed=3), randn(B, C, seed=4)
     for T in (2.0, 8.0):
-        out = make(registry, "kd", temperature=T)(student=zs, teacher=zt)
+        out = call_loss(make(registry, "kd", temperature=T), student=zs, teacher=zt)
         plain_kl = ref_kl(ref_softmax(zt.detach() / T), zs, T) / (T * T)
         torch.testing.assert_close(out, T * T * plain_kl)
-    assert make(registry, "kd")(student=zs, teacher=zs.detach().clone()).abs() < 1e-12
+    assert call_loss(make(registry, "kd"), student=zs, teacher=zs.detach().clone()).abs() < 1e-12
 
 
 def test_kd_trains_teacher_when_asked(registry):
     zs, zt = randn(B, C, seed=5), randn(B, C, seed=6)
     loss = make(registry, "kd", detach_teacher=False)
     assert loss.detach == ()
-    loss(student=zs, teacher=zt).backward()
+    call_loss(loss, student=zs, teacher=zt).backward()
     zs2, zt2 = zs.detach().clone().requires_grad_(), zt.detach().clone().requires_grad_()
     T = 4.0
     ref = T * T * (ref_softmax(zt2 / T) * (torch.log(ref_softmax(zt2 / T)) - torch.log(ref_softmax(zs2 / T)))).sum(1).mean()
@@ -158,7 +159,7 @@ def feature_pairs(seed=0):
 def test_attention_reference_form(registry):
     student, teacher = feature_pairs()
     loss = make(registry, "attention")
-    out = loss(student=student, teacher=teacher)
+    out = call_loss(loss, student=student, teacher=teacher)
     ref = sum(((ref_attention_map(s) - ref_attention_map(t.detach())) ** 2).mean() for s, t in zip(student, teacher))
     torch.testing.assert_close(out, ref)
     out.backward()
@@ -174,14 +175,14 @@ def test_attention_reference_form(registry):
 
 def test_attention_single_pair_and_p(registry):
     s, t = randn(B, 5, 6, 6, seed=7), randn(B, 9, 6, 6, seed=8)
-    out = make(registry, "attention", p=3.0)(student=s, teacher=t)
+    out = call_loss(make(registry, "attention", p=3.0), student=s, teacher=t)
     ref = ((ref_attention_map(s, 3.0) - ref_attention_map(t, 3.0)) ** 2).mean()
     torch.testing.assert_close(out, ref)
 
 
 def test_attention_paper_form(registry):
     student, teacher = feature_pairs(seed=10)
-    out = make(registry, "attention", form="paper")(student=student, teacher=teacher)
+    out = call_loss(make(registry, "attention", form="paper"), student=student, teacher=teacher)
     ref = 0
     for s, t in zip(student, teacher):
         a_s, a_t = ref_attention_map(s), ref_attention_map(t)
@@ -197,7 +198,7 @@ def test_attention_teacher_gradient_option(registry):
     s, t = randn(B, 4, 4, 4, seed=11), randn(B, 4, 4, 4, seed=12)
     loss = make(registry, "attention", detach_teacher=False)
     assert loss.detach == ()
-    loss(student=s, teacher=t).backward()
+    call_loss(loss, student=s, teacher=t).backward()
     assert t.grad is not None and t.grad.abs().sum() > 0
 
 
@@ -205,12 +206,12 @@ def test_attention_spatial_mismatch(registry):
     s, t = randn(B, 4, 8, 8, seed=13), randn(B, 6, 4, 4, seed=14)
     loss = make(registry, "attention")
     with pytest.raises(ValueError, match="spatial sizes differ"):
-        loss(student=s, teacher=t)
+        call_loss(loss, student=s, teacher=t)
     with pytest.raises(ValueError, match="pool_mismatch"):
         loss.setup({"student": s.shape, "teacher": t.shape})
     pooled = make(registry, "attention", pool_mismatch=True)
     pooled.setup({"student": [s.shape], "teacher": [t.shape]})
-    out = pooled(student=s, teacher=t)
+    out = call_loss(pooled, student=s, teacher=t)
     s_pooled = s.reshape(B, 4, 4, 2, 4, 2).mean(dim=(3, 5))  # 2x2 average pooling, by hand
     ref = ((ref_attention_map(s_pooled) - ref_attention_map(t)) ** 2).mean()
     torch.testing.assert_close(out, ref)
@@ -219,7 +220,7 @@ def test_attention_spatial_mismatch(registry):
 def test_attention_pair_count_mismatch(registry):
     student, teacher = feature_pairs()
     with pytest.raises(ValueError, match="student features"):
-        make(registry, "attention")(student=student, teacher=teacher[:1])
+        call_loss(make(registry, "attention"), student=student, teacher=teacher[:1])
 
 
 # --- fitnet -------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def test_fitnet_regressor_from_shapes_and_reference(registry, relu):
     student, teacher = feature_pairs(seed=20)
     loss = make(registry, "fitnet", relu=relu)
     with pytest.raises(RuntimeError, match="setup"):
-        loss(student=student, teacher=teacher)
+        call_loss(loss, student=student, teacher=teacher)
     loss.setup({"student": [s.shape for s in student], "teacher": [t.shape for t in teacher]})
     loss.double()
     assert len(loss.regressors) == 2
@@ -250,7 +251,7 @@ def test_fitnet_regressor_from_shapes_and_reference(registry, relu):
         for r in loss.regressors:
             r[1].weight.uniform_(0.5, 1.5)
             r[1].bias.uniform_(-0.5, 0.5)
-    out = loss(student=student, teacher=teacher)
+    out = call_loss(loss, student=student, teacher=teacher)
     ref = sum(((ref_regressor(r, s) - t.detach()) ** 2).mean() for r, s, t in zip(loss.regressors, student, teacher))
     torch.testing.assert_close(out, ref)
     out.backward()
@@ -272,13 +273,13 @@ def test_fitnet_regressor_trains(registry):
     first = None
     for _ in range(30):
         optimizer.zero_grad()
-        value = loss(student=s, teacher=t)
+        value = call_loss(loss, student=s, teacher=t)
         first = value.item() if first is None else first
         value.backward()
         optimizer.step()
     assert value.item() < 0.5 * first
     loss.setup({"student": s.shape, "teacher": t.shape})  # idempotent: keeps the trained regressor
-    assert loss(student=s, teacher=t).item() == pytest.approx(value.item(), rel=0.5)
+    assert call_loss(loss, student=s, teacher=t).item() == pytest.approx(value.item(), rel=0.5)
     with pytest.raises(ValueError):
         loss.setup({"student": torch.Size([16, 5, 4, 4]), "teacher": t.shape})
 
@@ -295,7 +296,7 @@ def test_logit_l2(registry):
     zs, zt = randn(B, C, seed=30), randn(B, C, seed=31)
     loss = make(registry, "logit_l2")
     assert loss.detach == ("teacher",)
-    out = loss(student=zs, teacher=zt)
+    out = call_loss(loss, student=zs, teacher=zt)
     torch.testing.assert_close(out, ((zt.detach() - zs) ** 2).sum() / B)
     out.backward()
     torch.testing.assert_close(zs.grad, -2 * (zt.detach() - zs.detach()) / B)

@@ -8,7 +8,7 @@ import torch
 
 import kdtoolkit
 from kdtoolkit import Pipeline
-from kdtoolkit.engine.build import build_parts
+from kdtoolkit.engine.assemble import build_parts
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.methods import LossTermsMethod, Progress
 from kdtoolkit.models import run_stages

@@ -19,7 +19,7 @@ class Opts:
 class LossPlugin:
     @kdtoolkit.hookimpl
     def register_losses(self, register):
-        register("my_loss", lambda o: None, options=Opts, description="test")
+        register("my_loss", lambda o: None, options=Opts, description="test", inputs=("logits",))
 
 
 def test_every_kind_has_a_documented_hook():
@@ -46,7 +46,7 @@ def test_duplicate_names_name_both_plugins():
     class Other:
         @kdtoolkit.hookimpl
         def register_losses(self, register):
-            register("my_loss", lambda o: None)
+            register("my_loss", lambda o: None, inputs=("logits",))
 
     with pytest.raises(PluginError) as err:
         load_registry(load_entrypoints=False, plugins=[LossPlugin(), Other()])
@@ -67,7 +67,7 @@ def test_options_must_be_attrs():
     class Bad:
         @kdtoolkit.hookimpl
         def register_losses(self, register):
-            register("x", lambda o: None, options=dict)
+            register("x", lambda o: None, options=dict, inputs=("logits",))
 
     with pytest.raises(PluginError, match="attrs"):
         load_registry(load_entrypoints=False, plugins=[Bad()])

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from kdtoolkit import Pipeline
 from kdtoolkit.cli import main
-from kdtoolkit.engine.build import build_model
+from kdtoolkit.engine.assemble import build_model
 from kdtoolkit.engine.checkpoint import Checkpoint
 from kdtoolkit.export import load_model
 

@@ -189,6 +189,27 @@ class PipelineConfig:
     optimizer: OptimizerConfig = attrs.Factory(OptimizerConfig)
     plugins: PluginsConfig = attrs.Factory(PluginsConfig)
 
+    # role filters, in declaration order
+    @property
+    def students(self) -> list[str]:
+        """Names of the models with ``role = "student"``."""
+        return [n for n, s in self.models.items() if s.role == "student"]
+
+    @property
+    def teachers(self) -> list[str]:
+        """Names of the models with ``role = "teacher"``."""
+        return [n for n, s in self.models.items() if s.role == "teacher"]
+
+    @property
+    def trained(self) -> list[str]:
+        """Names of the models that are not ``frozen``."""
+        return [n for n, s in self.models.items() if not s.frozen]
+
+    @property
+    def evaluated(self) -> list[str]:
+        """Names of the models with ``evaluate = true``."""
+        return [n for n, s in self.models.items() if s.evaluate]
+
 
 #: component table classes -> the registry kind their ``name`` refers to
 COMPONENT_KINDS: dict[type, str] = {

@@ -16,10 +16,10 @@ from typing import Any, Iterable
 
 import torch
 
-from kdtoolkit.engine.build import Built, best_metric, build_optimizer
+from kdtoolkit.engine.assemble import Built
 from kdtoolkit.engine.checkpoint import Checkpoint, atomic_write, save_checkpoint
+from kdtoolkit.engine.checks import best_metric
 from kdtoolkit.engine.distributed import DistInfo
-from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.engine.output import MetricsWriter, ProgressBar, progress_enabled
 from kdtoolkit.errors import CheckpointError
 from kdtoolkit.methods import Progress
@@ -67,9 +67,12 @@ def evaluate(built: Built, loader: Iterable, *, precision: str, progress: bool =
 
 
 class Trainer:
-    """Runs ``fit`` for a built pipeline; writes checkpoints and metrics under ``run_dir``."""
+    """Runs ``fit`` for a built pipeline (``engine.assemble``: models, method, optimizer and LR
+    schedule ready); writes checkpoints and metrics under ``run_dir``."""
 
     def __init__(self, built: Built, train_loader, test_loader, run_dir: Path, *, dist: DistInfo, raw_config: dict, stream=sys.stderr):
+        if built.optimizer is None:
+            raise ValueError("Trainer needs a built pipeline with its optimizer (kdtoolkit.engine.assemble)")
         self.built = built
         self.cfg = built.config
         self.train_loader = train_loader
@@ -78,15 +81,12 @@ class Trainer:
         self.dist = dist
         self.raw_config = raw_config
         self.stream = stream
-        self.optimizer = build_optimizer(self.cfg, built.module, built.method)
-        sched = self.cfg.optimizer.schedule
-        self.lr_schedule = built.registry.get("schedule", sched.name).factory(sched.options) if sched else None
+        self.optimizer = built.optimizer
+        self.lr_schedule = built.lr_schedule
         self.scaler = torch.amp.GradScaler("cuda") if self.cfg.run.precision == "fp16" else None
         self.metrics = MetricsWriter(self.run_dir, self.cfg.run.metrics_format)
         self.best_metric = best_metric(self.cfg)
         self.show = progress_enabled(self.cfg.run.progress, stream) and dist.is_main
-        if self.cfg.run.host_memory == "reuse":
-            reuse_freed_memory()  # process-wide, once: no page faults for each step's tensors
 
     @property
     def last_path(self) -> Path:
@@ -187,12 +187,12 @@ class Trainer:
         row.update({f"train/loss/{k}": float(v) / max(n, 1) for k, v in sums.items()})
         row["train/images_per_s"] = images_seen / seconds if seconds > 0 else 0.0
         row["train/seconds"] = seconds
-        row.update(self.built.method.epoch_metrics() if hasattr(self.built.method, "epoch_metrics") else {})
+        row.update(self.built.method.epoch_metrics())
         return row
 
     def save(self, epoch: int, global_step: int, best: dict | None, row: dict, improved: bool) -> None:
         specs = self.cfg.models
-        students = [n for n, s in specs.items() if s.role == "student"]
+        students = self.cfg.students
         meta = {
             "epoch": epoch,
             "global_step": global_step,

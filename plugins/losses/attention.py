@@ -86,8 +86,6 @@ class AttentionLoss(nn.Module):
     def forward(self, student, teacher) -> Tensor:
         total = None
         for k, (fs, ft) in enumerate(pairs(student, teacher)):
-            if self.options.detach_teacher:
-                ft = ft.detach()
             self._check_spatial(k, fs.shape, ft.shape)
             if fs.shape[2:] != ft.shape[2:]:
                 size = (min(fs.shape[2], ft.shape[2]), min(fs.shape[3], ft.shape[3]))

@@ -81,8 +81,6 @@ class FitNetLoss(nn.Module):
             raise ValueError(f"fitnet: built for {len(self.regressors)} pairs, got {len(pair_list)}")
         total = None
         for regressor, (fs, ft) in zip(self.regressors, pair_list):
-            if self.options.detach_teacher:
-                ft = ft.detach()
             term = F.mse_loss(regressor(fs), ft)
             total = term if total is None else total + term
         return total

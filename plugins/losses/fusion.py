@@ -136,7 +136,7 @@ def register_fusions(register):
     register("avg_logits", AvgLogits, options=AvgLogitsOptions, description="mean of the logits (or features)")
     register("avg_softmax", AvgSoftmax, options=AvgSoftmaxOptions,
              description="mean of softmax(z_i/T), returned as logits T·log(mean) for any logit loss")
-    register("minlogit", MinLogitFusion, options=MinLogitFusionOptions,
+    register("minlogit", MinLogitFusion, options=MinLogitFusionOptions, needs_labels=True,
              description="KDCL-MinLogit (Guo et al. CVPR 2020): target class shifted to 0, element-wise min; needs labels")
     register("importance", ImportanceFusion, options=ImportanceOptions,
              description="CMT-KD Eq. 1 (Pham et al. WACV 2023): Σ softmax(π)_i·A_i with learnable π")

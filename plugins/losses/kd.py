@@ -36,8 +36,6 @@ class KDLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         if student.shape != teacher.shape:
             raise ValueError(f"kd: student logits {tuple(student.shape)} vs teacher logits {tuple(teacher.shape)}")
-        if self.options.detach_teacher:
-            teacher = teacher.detach()
         temperature = self.options.temperature
         return soft_kl(F.log_softmax(teacher / temperature, dim=1), student, temperature)
 

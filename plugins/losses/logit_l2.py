@@ -30,5 +30,5 @@ class LogitL2Loss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         if student.shape != teacher.shape:
             raise ValueError(f"logit_l2: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
-        diff = teacher.detach() - student
+        diff = teacher - student  # the core detaches the teacher (``detach``)
         return diff.pow(2).flatten(1).sum(1).mean()

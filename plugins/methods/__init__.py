@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import attrs
-
 import kdtoolkit
 from kdtoolkit.config.schema import LossConfig
 from kdtoolkit.methods import LossTermsMethod
-
-
-@attrs.frozen
-class NoOptions:
-    pass
 
 
 class Supervised(LossTermsMethod):
@@ -27,8 +20,8 @@ class Supervised(LossTermsMethod):
         return problems
 
     @classmethod
-    def default_losses(cls, config):
-        trained = [n for n, s in config.models.items() if not s.frozen]
+    def default_losses(cls, options, config):
+        trained = config.trained
         return [
             LossConfig(name="ce", label="ce" if len(trained) == 1 else f"ce_{n}", inputs={"logits": n})
             for n in trained
@@ -44,8 +37,7 @@ class KD(LossTermsMethod):
     @classmethod
     def check(cls, options, config):
         problems = []
-        students = [n for n, s in config.models.items() if s.role == "student"]
-        teachers = [n for n, s in config.models.items() if s.role == "teacher"]
+        students, teachers = config.students, config.teachers
         if len(students) != 1:
             problems.append(("models", f"method 'kd' needs exactly one model with role = \"student\", found {len(students)}"))
         if not teachers:
@@ -64,14 +56,14 @@ class Mutual(LossTermsMethod):
     @classmethod
     def check(cls, options, config):
         problems = []
-        trained = [n for n, s in config.models.items() if not s.frozen]
+        trained = config.trained
         if len(trained) < 2:
             problems.append(("models", f"method 'mutual' needs at least two trained models, found {len(trained)}"))
         return problems
 
     @classmethod
-    def default_losses(cls, config):
-        trained = [n for n, s in config.models.items() if not s.frozen]
+    def default_losses(cls, options, config):
+        trained = config.trained
         return [LossConfig(name="ce", label=f"ce_{n}", inputs={"logits": n}) for n in trained] + [
             LossConfig(name="minlogit", label="minlogit", inputs={"logits": list(trained)})
         ]
@@ -79,6 +71,6 @@ class Mutual(LossTermsMethod):
 
 @kdtoolkit.hookimpl
 def register_methods(register):
-    register("supervised", Supervised, options=NoOptions, description="cross-entropy training of each model")
-    register("kd", KD, options=NoOptions, description="knowledge distillation from (frozen) teachers through [[losses]]")
-    register("mutual", Mutual, options=NoOptions, description="networks trained together with mutual learning (DML, KDCL-MinLogit)")
+    register("supervised", Supervised, description="cross-entropy training of each model")
+    register("kd", KD, description="knowledge distillation from (frozen) teachers through [[losses]]")
+    register("mutual", Mutual, description="networks trained together with mutual learning (DML, KDCL-MinLogit)")

@@ -60,18 +60,13 @@ class CTKDOptions:
     expert: Optional[str] = None
 
 
-def _options(config: PipelineConfig) -> CTKDOptions:
-    options = config.method.options
-    return options if isinstance(options, CTKDOptions) else CTKDOptions()
-
-
 def _resolve(options: CTKDOptions, config: PipelineConfig) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """The three networks by part (``student``/``scratch``/``expert``), and the problems found."""
     models = config.models
     problems: list[tuple[str, str]] = []
     names: dict[str, str] = {}
 
-    students = [n for n, s in models.items() if s.role == "student"]
+    students = config.students
     if len(students) == 1:
         names["student"] = students[0]
         if models[students[0]].frozen:
@@ -127,9 +122,14 @@ class CTKD(LossTermsMethod):
         if problems:
             raise ConfigError(problems=problems)
         self.student_name, self.scratch_name, self.expert_name = names["student"], names["scratch"], names["expert"]
-        if options.share_first_conv:
-            tie_parameters(context.models[self.scratch_name], context.models[self.student_name], options.first_conv,
-                           names=(self.scratch_name, self.student_name))
+
+    @classmethod
+    def prepare_models(cls, options, config, models):
+        """``share_first_conv``: tie the student's first conv to the scratch teacher's."""
+        names, problems = _resolve(options, config)
+        if options.share_first_conv and not problems:
+            tie_parameters(models[names["scratch"]], models[names["student"]], options.first_conv,
+                           names=(names["scratch"], names["student"]))
 
     @classmethod
     def check(cls, options, config):
@@ -147,8 +147,7 @@ class CTKD(LossTermsMethod):
         return problems
 
     @classmethod
-    def default_losses(cls, config):
-        options = _options(config)
+    def default_losses(cls, options, config):
         names, problems = _resolve(options, config)
         if problems:  # reported by check(); nothing sensible to build
             return []

@@ -176,6 +176,11 @@ def status() -> dict:
     return {"available": lib is not None, "reason": _state["reason"]}
 
 
+def known_status() -> dict | None:
+    """``status()`` if the kernels were tried in this process, else None: never builds them."""
+    return status() if _state["tried"] else None
+
+
 def _reset_for_tests() -> None:
     with _lock:
         _state.update(tried=False, lib=None, reason="not built yet", path=None)

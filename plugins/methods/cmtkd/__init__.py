@@ -17,7 +17,9 @@ __all__ = ["CMTKD", "CMTKDOptions", "COMBINED", "register_commands", "register_m
 
 @kdtoolkit.hookimpl
 def register_methods(register):
+    # its fusions are built from the "importance" plugin; its default terms use these losses
     register("cmtkd", CMTKD, options=CMTKDOptions,
+             requires={"fusion": ["importance"], "loss": ["ce", "minlogit", "attention", "fitnet"]},
              description="CMT-KD (Pham et al. WACV 2023): quantized teachers fused stage by stage, trained with the student")
 
 

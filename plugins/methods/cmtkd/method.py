@@ -69,8 +69,8 @@ from torch import nn
 from kdtoolkit.config.schema import LossConfig
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.methods import LossTermsMethod, MethodContext
-from kdtoolkit_plugins.methods.cmtkd.options import CMTKDOptions, check, options_of, roles
-from kdtoolkit_plugins.methods.cmtkd.staging import as_staged
+from kdtoolkit_plugins.methods.cmtkd.options import CMTKDOptions, check, roles
+from kdtoolkit_plugins.methods.cmtkd.staging import as_staged, is_staged, stage_paths_of
 
 __all__ = ["CMTKD", "COMBINED", "FUSED", "OUTPUTS", "STUDENT_FEATURES"]
 
@@ -98,9 +98,9 @@ class CMTKD(LossTermsMethod):
             raise ValueError("cmtkd needs context.registry (its importance fusions are built through it)")
         students, self.teacher_names = roles(context.config)
         self.student_name = students[0]
-        problems = self.check_models(options, context.config, context.models)
-        if problems:
-            raise ConfigError(problems=problems)
+        unstaged = [n for n in (self.student_name, *self.teacher_names) if not is_staged(context.models[n])]
+        if unstaged:
+            raise ValueError(f"cmtkd: networks {unstaged} are not staged; build them through the engine (prepare_models stages them)")
         self.num_stages = len(context.models[self.student_name].stage_paths)
         stages = tuple(range(self.num_stages)) if options.feature_stages is None else options.feature_stages
         self.feature_stages = tuple(sorted(stages))
@@ -196,9 +196,9 @@ class CMTKD(LossTermsMethod):
 
     # -- the default loss terms (Eq. 10) and the checks --------------------------------------------
     @classmethod
-    def default_losses(cls, config) -> list[LossConfig]:
+    def default_losses(cls, options, config) -> list[LossConfig]:
         """Eq. 10 as loss terms weighted by α, β, γ (see the module docstring); zero weights are left out."""
-        o = options_of(config)
+        o = options or CMTKDOptions()
         students, _ = roles(config)
         if len(students) != 1:
             return []  # reported by check()
@@ -223,17 +223,16 @@ class CMTKD(LossTermsMethod):
 
     @classmethod
     def check_models(cls, options, config, models: dict[str, nn.Module]) -> list[tuple[str, str]]:
-        """Problems that need the built networks (each network becomes staged here: built-in
-        stages, or split at ``options.stages``): stage counts and ``feature_stages``."""
+        """Problems that need the built networks (without changing them): each can be staged
+        (built-in stages, or split at ``options.stages``), stage counts agree, ``feature_stages`` exist."""
         options = options or CMTKDOptions()
         students, teachers = roles(config)
         names = students[:1] + teachers
         try:
-            for name in names:
-                as_staged(models[name], options.stages, name=name)
+            paths = {name: stage_paths_of(models[name], options.stages, name=name) for name in names}
         except ConfigError as exc:
             return list(exc.problems)
-        counts = {name: len(models[name].stage_paths) for name in names}
+        counts = {name: len(p) for name, p in paths.items()}
         if len(set(counts.values())) != 1:
             return [("models", "every network of CMT-KD needs the same number of stages, got "
                      + ", ".join(f"{n}: {c}" for n, c in counts.items()))]
@@ -242,5 +241,13 @@ class CMTKD(LossTermsMethod):
         if bad:
             return [("method.feature_stages", (
                 f"stage {bad[0]} does not exist: the networks have {k} stages (0..{k - 1}, "
-                f"ending at {', '.join(models[names[0]].stage_paths)})"))]
+                f"ending at {', '.join(paths[names[0]])})"))]
         return []
+
+    @classmethod
+    def prepare_models(cls, options, config, models: dict[str, nn.Module]) -> None:
+        """Stage every network (built-in stages, or split at ``options.stages``: only its class changes)."""
+        options = options or CMTKDOptions()
+        students, teachers = roles(config)
+        for name in students[:1] + teachers:
+            as_staged(models[name], options.stages, name=name)

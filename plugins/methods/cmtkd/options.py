@@ -9,7 +9,7 @@ import attrs
 from kdtoolkit.config.schema import PipelineConfig
 from kdtoolkit.config.validators import FieldError, non_negative, one_of, positive
 
-__all__ = ["CMTKDOptions", "DEFAULT_GAMMA", "DEFAULT_TERM_OPTIONS", "check", "options_of"]
+__all__ = ["CMTKDOptions", "DEFAULT_GAMMA", "DEFAULT_TERM_OPTIONS", "check", "roles"]
 
 #: γ when ``gamma`` is not set, by feature loss
 DEFAULT_GAMMA = {"attention": 100.0, "fitnet": 1.0}
@@ -78,11 +78,6 @@ class CMTKDOptions:
     @property
     def feature_weight(self) -> float:
         return DEFAULT_GAMMA[self.feature_loss] if self.gamma is None else self.gamma
-
-
-def options_of(config: PipelineConfig) -> CMTKDOptions:
-    options = config.method.options
-    return options if isinstance(options, CMTKDOptions) else CMTKDOptions()
 
 
 def roles(config: PipelineConfig) -> tuple[list[str], list[str]]:
