@@ -69,7 +69,7 @@ from torch import nn
 from kdtoolkit.config.schema import LossConfig
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.methods import LossTermsMethod, MethodContext
-from kdtoolkit_plugins.methods.cmtkd.options import CMTKDOptions, check, roles
+from kdtoolkit_plugins.methods.cmtkd.options import CMTKDOptions, check
 from kdtoolkit_plugins.methods.cmtkd.staging import as_staged, is_staged, stage_paths_of
 
 __all__ = ["CMTKD", "COMBINED", "FUSED", "OUTPUTS", "STUDENT_FEATURES"]
@@ -96,8 +96,7 @@ class CMTKD(LossTermsMethod):
         registry = context.registry
         if registry is None:
             raise ValueError("cmtkd needs context.registry (its importance fusions are built through it)")
-        students, self.teacher_names = roles(context.config)
-        self.student_name = students[0]
+        self.student_name, self.teacher_names = context.config.students[0], context.config.teachers
         unstaged = [n for n in (self.student_name, *self.teacher_names) if not is_staged(context.models[n])]
         if unstaged:
             raise ValueError(f"cmtkd: networks {unstaged} are not staged; build them through the engine (prepare_models stages them)")
@@ -199,7 +198,7 @@ class CMTKD(LossTermsMethod):
     def default_losses(cls, options, config) -> list[LossConfig]:
         """Eq. 10 as loss terms weighted by α, β, γ (see the module docstring); zero weights are left out."""
         o = options or CMTKDOptions()
-        students, _ = roles(config)
+        students = config.students
         if len(students) != 1:
             return []  # reported by check()
         student = students[0]
@@ -226,8 +225,7 @@ class CMTKD(LossTermsMethod):
         """Problems that need the built networks (without changing them): each can be staged
         (built-in stages, or split at ``options.stages``), stage counts agree, ``feature_stages`` exist."""
         options = options or CMTKDOptions()
-        students, teachers = roles(config)
-        names = students[:1] + teachers
+        names = config.students[:1] + config.teachers
         try:
             paths = {name: stage_paths_of(models[name], options.stages, name=name) for name in names}
         except ConfigError as exc:
@@ -248,6 +246,5 @@ class CMTKD(LossTermsMethod):
     def prepare_models(cls, options, config, models: dict[str, nn.Module]) -> None:
         """Stage every network (built-in stages, or split at ``options.stages``: only its class changes)."""
         options = options or CMTKDOptions()
-        students, teachers = roles(config)
-        for name in students[:1] + teachers:
+        for name in config.students[:1] + config.teachers:
             as_staged(models[name], options.stages, name=name)

@@ -9,7 +9,7 @@ import attrs
 from kdtoolkit.config.schema import PipelineConfig
 from kdtoolkit.config.validators import FieldError, non_negative, one_of, positive
 
-__all__ = ["CMTKDOptions", "DEFAULT_GAMMA", "DEFAULT_TERM_OPTIONS", "check", "roles"]
+__all__ = ["CMTKDOptions", "DEFAULT_GAMMA", "DEFAULT_TERM_OPTIONS", "check"]
 
 #: γ when ``gamma`` is not set, by feature loss
 DEFAULT_GAMMA = {"attention": 100.0, "fitnet": 1.0}
@@ -80,17 +80,10 @@ class CMTKDOptions:
         return DEFAULT_GAMMA[self.feature_loss] if self.gamma is None else self.gamma
 
 
-def roles(config: PipelineConfig) -> tuple[list[str], list[str]]:
-    """``(students, teachers)`` model names, in the pipeline's order."""
-    students = [n for n, s in config.models.items() if s.role == "student"]
-    teachers = [n for n, s in config.models.items() if s.role == "teacher"]
-    return students, teachers
-
-
 def check(options: CMTKDOptions, config: PipelineConfig) -> list[tuple[str, str]]:
     """Problems with a CMT-KD pipeline that need no built network, as ``(key_path, message)``."""
     problems: list[tuple[str, str]] = []
-    students, teachers = roles(config)
+    students, teachers = config.students, config.teachers
     if len(students) != 1:
         problems.append(("models", f"method 'cmtkd' needs exactly one model with role = \"student\", found {len(students)}"))
     if not teachers:
