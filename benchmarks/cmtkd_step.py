@@ -41,6 +41,12 @@ LR, PI_SCALE, WD_LOW, WD_HIGH = 0.1, 0.1, 25e-6, 1e-4
 ALPHA, BETA, GAMMA, T = 1.0, 0.5, 100.0, 4.0
 
 
+def _step():
+    from kdtoolkit.methods import Progress
+
+    return Progress(epoch=0, step=0, steps_per_epoch=1, total_epochs=1)
+
+
 def cmtkd_plugins() -> list:
     from importlib.metadata import entry_points
 
@@ -153,7 +159,7 @@ def throughput(root, batch: int, rounds: int) -> dict:
     loader.set_epoch(0)
     images, labels = next(iter(loader))
     built.module.train()
-    engine_loss = float(sum(built.method.training_step(images, labels, None).values()).detach())
+    engine_loss = float(sum(built.method.training_step(images, labels, _step()).values()).detach())
     hand_loss_value = float(hand_loss(student, teachers, pis, images, labels).detach())
     same = abs(engine_loss - hand_loss_value) <= 1e-4 * max(1.0, abs(hand_loss_value))
 
@@ -196,7 +202,7 @@ def memory_child(root, teachers: int, batch: int) -> dict:
     rss_built = _rss_mib()
     for _ in range(2):
         images, labels = next(batches)
-        loss = sum(built.method.training_step(images, labels, None).values())  # noqa: F841 - keeps the graph (and its saved tensors) alive
+        loss = sum(built.method.training_step(images, labels, _step()).values())  # noqa: F841 - keeps the graph (and its saved tensors) alive
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -211,7 +217,7 @@ def memory_child(root, teachers: int, batch: int) -> dict:
 
     images, labels = next(batches)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = sum(built.method.training_step(images, labels, None).values())  # noqa: F841 - keeps the graph (and its saved tensors) alive
+        loss = sum(built.method.training_step(images, labels, _step()).values())  # noqa: F841 - keeps the graph (and its saved tensors) alive
     params = {p.untyped_storage().data_ptr() for p in built.module.parameters()}
     saved = sum(n for ptr, n in storages.items() if ptr not in params) / 2**20  # activations, not weights
     return {"teachers": teachers, "peak_rss_mib": peak, "built_rss_mib": rss_built,

@@ -63,9 +63,6 @@ _LAZY: dict[str, str] = {
     "TensorSplit": "kdtoolkit.data.types",
     "resolve_module": "kdtoolkit.features",
     "FeatureTaps": "kdtoolkit.features",
-    # CMT-KD's staging helpers (moving next to the CMT-KD plugin)
-    "as_staged": "kdtoolkit.staging",
-    "staged_from_paths": "kdtoolkit.staging",
 }
 
 #: quantizer helpers of kdtoolkit.quant.functional (provisional)

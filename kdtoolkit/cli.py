@@ -1,4 +1,5 @@
-"""``kdtoolkit`` command line: run, validate, plugins, describe, eval, export, plot, plot-fusion.
+"""``kdtoolkit`` command line: run, validate, plugins, describe, eval, status, export, plot, and the
+commands plugins add through the ``register_commands`` hook (e.g. the ``cmtkd`` plugin's ``plot-fusion``).
 
 Input and config errors print one line each (``path: message``) and exit with code 2; no traceback.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from kdtoolkit.commands import PluginCommandGroup
 from kdtoolkit.engine.memory import reuse_freed_memory
 from kdtoolkit.errors import KDToolkitError
 
@@ -72,7 +74,7 @@ def _debug() -> bool:
     return bool(root is not None and (root.obj or {}).get("debug")) or os.environ.get("KDTOOLKIT_DEBUG") == "1"
 
 
-@click.group()
+@click.group(cls=PluginCommandGroup, error_boundary=user_errors)
 @click.version_option(package_name="kdtoolkit")
 @click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
 @click.pass_context
@@ -255,24 +257,6 @@ def status(run_dir, as_json):
 
     info = run_status(run_dir)
     click.echo(json.dumps(info) if as_json else "\n".join(format_status(info)))
-
-
-@main.command("plot-fusion")
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Image to write (.png, .pdf or .svg).")
-@user_errors
-def plot_fusion(run_dir, out):
-    """Plot CMT-KD importance weights per teacher over training, one panel per fusion stage."""
-    from kdtoolkit.engine.metrics import MetricsWriter
-    from kdtoolkit.errors import CheckpointError
-    from kdtoolkit.plotting import plot_fusion_weights
-
-    rows = []
-    for fmt in ("jsonl", "csv"):
-        rows = rows or MetricsWriter(Path(run_dir), fmt).read()
-    if not rows:
-        raise CheckpointError(f"{run_dir}: no metrics.jsonl or metrics.csv")
-    click.echo(f"wrote {plot_fusion_weights(rows, out)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -140,3 +140,28 @@ def register_methods(register):
     - ``epoch_metrics()``: extra values for the epoch's metrics row.
     - ``evaluate_logits(images)``: logits of each evaluated model.
     """
+
+
+@hookspec
+def register_commands(cli):
+    """Add commands to the ``kdtoolkit`` command line (the shape of simonw/llm's hook).
+
+    :param cli: a ``click.Group`` that belongs to this plugin alone; add commands to it with
+        ``@cli.command()``, ``@cli.group()`` or ``cli.add_command(command)``.
+
+    Each command becomes ``kdtoolkit NAME``, listed by ``kdtoolkit --help`` beside the built-in ones.
+    The hook is called the first time the command line needs a command it does not have itself, so
+    a plugin's commands cost nothing to the built-in ones. A command named like a built-in command
+    or like another plugin's command is an error naming both. The commands run inside the CLI's
+    error boundary: raise ``kdtoolkit.errors`` types (``KDToolkitError`` and its subclasses) for bad
+    input, and the user gets one ``error:`` line and exit code 2.
+
+    Example::
+
+        @kdtoolkit.hookimpl
+        def register_commands(cli):
+            @cli.command()
+            @click.argument("run_dir")
+            def summary(run_dir):  # `kdtoolkit summary RUN_DIR`
+                click.echo(...)
+    """

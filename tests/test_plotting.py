@@ -1,4 +1,4 @@
-"""kdtoolkit.plotting: CMT-KD's Figure 2 from metrics rows."""
+"""CMT-KD plotting (kdtoolkit_plugins.methods.cmtkd.plotting): CMT-KD's Figure 2 from metrics rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from kdtoolkit.errors import KDToolkitError
-from kdtoolkit.plotting import fusion_series, plot_fusion_weights
+from kdtoolkit_plugins.methods.cmtkd.plotting import fusion_series, plot_fusion_weights
 
 TEACHERS = ("t4", "t6", "t8")
 

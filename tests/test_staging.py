@@ -1,4 +1,4 @@
-"""Stages declared by module paths (kdtoolkit.staging): torch.fx splitting of unstaged models."""
+"""Stages declared by module paths (CMT-KD's staging module): torch.fx splitting of unstaged models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from kdtoolkit.errors import ConfigError
 from kdtoolkit.models import StagedModel, run_stages
-from kdtoolkit.staging import StagedFromPaths, as_staged, is_staged, staged_from_paths
+from kdtoolkit_plugins.methods.cmtkd.staging import StagedFromPaths, as_staged, is_staged, staged_from_paths
 
 CASES = {
     "mobilenet_v2": ["features.3", "features.6", "features.13"],

@@ -51,7 +51,16 @@ def effective_losses(cfg: PipelineConfig, registry: Registry) -> list[LossConfig
     """The pipeline's ``[[losses]]``, or the method's ``default_losses`` when it lists none."""
     if cfg.losses:
         return list(cfg.losses)
-    return list(method_component(cfg, registry).factory.default_losses(cfg.method.options, cfg))
+    defaults = method_component(cfg, registry).factory.default_losses(cfg.method.options, cfg)
+    return [with_loss_options(lc, registry) for lc in defaults]
+
+
+def with_loss_options(lc: LossConfig, registry: Registry) -> LossConfig:
+    """A method's default term may give its loss options as a dict (a method does not import other
+    plugins' options classes): they become the loss's options object here."""
+    if isinstance(lc.options, dict) and ("loss", lc.name) in registry:
+        return attrs.evolve(lc, options=registry.get("loss", lc.name).make_options(**lc.options))
+    return lc
 
 
 def loss_labels(losses: list[LossConfig]) -> list[str]:

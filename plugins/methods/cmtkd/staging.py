@@ -37,9 +37,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from kdtoolkit.errors import ConfigError
+from kdtoolkit.api import ConfigError
 
-__all__ = ["StagedFromPaths", "as_staged", "is_staged", "split_points_hint", "staged_from_paths"]
+__all__ = ["StagedFromPaths", "as_staged", "is_staged", "split_points_hint", "stage_paths_of", "staged_from_paths"]
 
 #: the TOML key where stage paths are declared (used in error messages)
 STAGES_KEY = "method.stages"
@@ -238,15 +238,9 @@ def _compile(graph: fx.Graph, name: str) -> tuple[Callable[[nn.Module, torch.Ten
     return namespace["forward"], code.src
 
 
-def staged_from_paths(model: nn.Module, paths: Sequence[str], *, where: str = STAGES_KEY, label: str | None = None) -> nn.Module:
-    """Make ``model`` a ``StagedModel`` whose stage ``k`` ends at the module ``paths[k]``; returns it.
-
-    ``forward_stage(k, x)`` for ``k < len(paths)`` maps stage k's input (the image for k = 0) to the
-    output of ``paths[k]``; ``forward_stage(len(paths), x)`` is the rest of the forward (the head).
-    The chain of all stages computes exactly what ``forward`` computes. The model keeps its parameters,
-    module paths, state dict and ``forward``; only its class changes (to a subclass of its own).
-    Raises ``ConfigError`` (at key ``where``) when the model cannot be split at those paths.
-    """
+def _plan(model: nn.Module, paths: Sequence[str], where: str, label: str | None):
+    """The compiled stage functions and their sources for ``model`` split at ``paths``; the model is
+    not changed. Raises ``ConfigError`` (at key ``where``) when it cannot be split there."""
     label = label or type(model).__name__
     paths = tuple(paths)
     if not paths:
@@ -258,7 +252,6 @@ def staged_from_paths(model: nn.Module, paths: Sequence[str], *, where: str = ST
     for p in paths:
         if p not in modules or p == "":
             raise ConfigError(problems=[(where, f"{label}: no module {p!r} in the model{'; ' + hint if hint else ''}")])
-    base = getattr(type(model), "_kdtoolkit_base_class", type(model))
     graphs = {training: _split(_trace(model, paths, training, where, label), paths, where, label, hint) for training in (True, False)}
     train = [_compile(g, f"{label}[{k}]") for k, g in enumerate(graphs[True])]
     evals = []
@@ -267,11 +260,36 @@ def staged_from_paths(model: nn.Module, paths: Sequence[str], *, where: str = ST
         evals.append((fn, src) if g.python_code("self").src == src else _compile(g, f"{label}[{k}] eval"))
     fns = ([f for f, _ in train], [f for f, _ in evals])
     srcs = ([s for _, s in train], [s for _, s in evals])
+    return fns, srcs
+
+
+def staged_from_paths(model: nn.Module, paths: Sequence[str], *, where: str = STAGES_KEY, label: str | None = None) -> nn.Module:
+    """Make ``model`` a ``StagedModel`` whose stage ``k`` ends at the module ``paths[k]``; returns it.
+
+    ``forward_stage(k, x)`` for ``k < len(paths)`` maps stage k's input (the image for k = 0) to the
+    output of ``paths[k]``; ``forward_stage(len(paths), x)`` is the rest of the forward (the head).
+    The chain of all stages computes exactly what ``forward`` computes. The model keeps its parameters,
+    module paths, state dict and ``forward``; only its class changes (to a subclass of its own).
+    Raises ``ConfigError`` (at key ``where``) when the model cannot be split at those paths.
+    """
+    fns, srcs = _plan(model, paths, where, label)
+    base = getattr(type(model), "_kdtoolkit_base_class", type(model))
     model.__class__ = _staged_class(base)
     model.__dict__["_kdtoolkit_stage_fns"] = fns
     model.__dict__["_kdtoolkit_stage_src"] = srcs
-    model.__dict__["stage_paths"] = paths
+    model.__dict__["stage_paths"] = tuple(paths)
     return model
+
+
+def stage_paths_of(model: nn.Module, paths: Sequence[str] | None = None, *, name: str = "model", where: str = STAGES_KEY) -> tuple[str, ...]:
+    """The stage paths ``as_staged`` would give ``model``, without changing it (the same
+    ``ConfigError`` when it cannot be staged)."""
+    if paths:
+        _plan(model, paths, where, f"models.{name} ({type(model).__name__})")
+        return tuple(paths)
+    if is_staged(model):
+        return tuple(model.stage_paths)
+    raise _no_stages(model, name)
 
 
 def as_staged(model: nn.Module, paths: Sequence[str] | None = None, *, name: str = "model", where: str = STAGES_KEY) -> nn.Module:
@@ -284,8 +302,12 @@ def as_staged(model: nn.Module, paths: Sequence[str] | None = None, *, name: str
         return staged_from_paths(model, paths, where=where, label=f"models.{name} ({type(model).__name__})")
     if is_staged(model):
         return model
+    raise _no_stages(model, name)
+
+
+def _no_stages(model: nn.Module, name: str) -> ConfigError:
     hint = split_points_hint(model)
-    raise ConfigError(problems=[(f"models.{name}", (
+    return ConfigError(problems=[(f"models.{name}", (
         f"{type(model).__name__} has no built-in stages (stage_paths/forward_stage) and this method runs networks "
         f"stage by stage; " + _HOW + (f"; {hint}" if hint else "")
     ))])

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from kdtoolkit.errors import KDToolkitError
+from kdtoolkit.api import KDToolkitError
 
 __all__ = ["FUSION_KEY", "fusion_series", "plot_fusion_weights"]
 
