@@ -3,7 +3,7 @@
 With ``[run] tensorboard = true`` the trainer hands each metrics row (one per epoch, the row that
 goes to ``metrics.jsonl``) to :func:`log_metrics_row`, which writes every number in it as a scalar
 under its own name (``train/loss/<term>``, ``lr``, ``test/<model>/top1``, ``train/images_per_s``,
-``fusion/<stage>/<teacher>`` of CMT-KD, ...) at step ``epoch``, into ``RUN_DIR/tensorboard/``.
+whatever a method's ``epoch_metrics`` adds, ...) at step ``epoch``, into ``RUN_DIR/tensorboard/``.
 Read them with ``tensorboard --logdir runs``. Needs the ``tensorboard`` package (``.[tensorboard]``;
 the config checks it is importable when the option is on).
 """
