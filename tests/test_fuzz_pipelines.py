@@ -249,12 +249,8 @@ def cases():
 
 CASES = cases()
 
-#: cases whose fix belongs to another branch (see the report); each still runs and must fail
-KNOWN: dict[str, str] = {
-    "quickstart_qat:qpattern-nomatch": "quantizer override pattern matching no layer: ValueError from "
-    "kdtoolkit.quant.model.plan_bits while validate builds the model (quant/assembly: report it as a "
-    "ConfigError at models.<name>.quantizer.overrides)",
-}
+#: known failures (case id -> why); each still runs and must fail. None left.
+KNOWN: dict[str, str] = {}
 
 
 def test_enough_cases():

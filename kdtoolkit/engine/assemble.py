@@ -79,9 +79,18 @@ def build_model(cfg: PipelineConfig, registry: Registry, name: str, num_classes:
     spec = cfg.models[name]
     model = registry.get("model", spec.name).factory(spec.options, num_classes=num_classes)
     if spec.quantizer is not None:
+        import fnmatch
+
         from kdtoolkit.quant import quantize_model
+        from kdtoolkit.quant.model import float_layers
 
         q = spec.quantizer
+        paths = [path for path, _ in float_layers(model)]
+        unmatched = [(f"models.{name}.quantizer.overrides[{i}].pattern",
+                      f"{o.pattern!r} matches no conv/linear layer of this model; layers: {', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}")
+                     for i, o in enumerate(q.overrides) if not any(fnmatch.fnmatchcase(p, o.pattern) for p in paths)]
+        if unmatched:
+            raise ConfigError(problems=unmatched)
         quantizer = registry.get("quantizer", q.name).factory(q.options)
         quantize_model(
             model,
