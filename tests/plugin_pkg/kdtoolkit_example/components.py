@@ -64,14 +64,14 @@ class L1LogitsOptions:
 
 class L1Logits(nn.Module):
     inputs = ("student", "teacher")  # its tensor arguments, bound by the [[losses]] term's inputs
-    detach = ("teacher",)            # inputs it treats as targets
+    detach = ("teacher",)            # inputs it treats as targets: the core detaches them
 
     def __init__(self, options):
         super().__init__()
         self.scale = options.scale
 
     def forward(self, student, teacher):
-        return self.scale * (student - teacher.detach()).abs().mean()
+        return self.scale * (student - teacher).abs().mean()
 
 
 # --- fusion: factory(options, *, num_inputs) -> nn.Module; forward(tensors, temperature=None) -------
