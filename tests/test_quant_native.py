@@ -289,6 +289,7 @@ def test_status_reports_without_compiling(tmp_path):
 
 def test_no_compiler_or_other_platform_falls_back_with_one_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("KDTOOLKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KDTOOLKIT_NATIVE", raising=False)  # the default mode (CI runs with require)
     for setting, message in (("CC", "no C compiler"), ("platform", "built on Linux only")):
         if setting == "CC":
             monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
