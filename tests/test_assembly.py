@@ -30,7 +30,7 @@ def fake_data(path: Path, cfg):
     else:
         classes, size = (100 if cfg.data.name == "cifar100" else 10), 32
     batch = (torch.randn(2, 3, size, size), torch.tensor([0, 1]))
-    splits = type("Splits", (), {"num_classes": classes})()
+    splits = type("Splits", (), {"num_classes": classes, "train": [batch], "test": [batch]})()
     return splits, [batch], [batch]
 
 
@@ -52,7 +52,7 @@ def test_each_model_is_built_once_per_run(path, tmp_path, monkeypatch):
     checkpoints and the training loop replaced by stand-ins: the model factories run once per model."""
     loaded = []
     monkeypatch.setattr(assemble_module, "load_pretrained", lambda model, spec, name: loaded.append(name))
-    monkeypatch.setattr(trainer_module.Trainer, "fit", lambda self, resume=False: {"best": None, "run_dir": str(self.run_dir)})
+    monkeypatch.setattr(trainer_module.Trainer, "fit", lambda self, resume=False, **kwargs: {"best": None, "run_dir": str(self.run_dir)})
     pipe = Pipeline.from_toml(path, overrides=[f'run.output_dir="{(tmp_path / "run").as_posix()}"', 'run.device="cpu"'])
     monkeypatch.setattr(pipe, "load_data", lambda device=None: fake_data(path, pipe.config))
     calls: list[str] = []

@@ -23,7 +23,11 @@ from distributed_helpers import (
 )
 from kdtoolkit.engine.checkpoint import Checkpoint
 
-ATOL = 1e-4
+#: max |w_2proc - w_1proc| after 6 SGD steps (lr 0.1, sync BatchNorm): the 2-process gradient is a sum
+#: in another order, and float32 rounding differences grow over the steps. Measured on the merged main
+#: (2026-11-30): 3.9e-4 supervised and 2 nodes, 1.1e-3 killed and resumed on one process, 2.6e-6 CMT-KD
+#: (float, 1 epoch). A missing or doubled gradient average moves weights by ~1e-2 and more.
+ATOL = 3e-3
 
 #: a schedule plugin that SIGKILLs the process of rank KILL_RANK at fractional epoch KILL_AT_EPOCH,
 #: in the first launch of a worker group only (not after a torchrun restart)
@@ -86,7 +90,7 @@ def test_supervised_and_kd_two_processes_end_with_the_weights_of_one(tmp_path, c
     out.mkdir()
     ok(torchrun(2, "run", str(write(tmp_path / "p.toml", pipeline(cifar10_root, out / "run")))))
     assert sorted(p.name for p in out.iterdir()) == ["run"]  # one run directory, written by rank 0
-    assert sorted(p.name for p in (out / "run").iterdir()) == ["checkpoints", "environment.json", "metrics.jsonl", "pipeline.json"]
+    assert sorted(p.name for p in (out / "run").iterdir()) == ["checkpoints", "environment.json", "log.txt", "metrics.jsonl", "pipeline.json"]
     diff = max_abs_diff(student_state(out / "run"), student_state(one_process))
     print(f"supervised: max |w2 - w1| = {diff:.3g}")
     assert diff < ATOL
@@ -202,8 +206,9 @@ def test_cmtkd_stage_by_stage_under_ddp_equals_one_process(tmp_path, cifar10_roo
         ok(kdtoolkit("run", str(toml)) if n == 1 else torchrun(2, "run", str(toml)))
     one = Checkpoint(tmp_path / "c1" / "checkpoints" / "last.safetensors").module_state
     two = Checkpoint(tmp_path / "c2" / "checkpoints" / "last.safetensors").module_state
-    trained = [k for k in one if k.startswith(("models.", "method."))]
-    assert any(k.startswith("method.fusion.") for k in trained) and any("regressor" in k or "feature_loss" in k for k in trained)
+    # the FitNet regressors are the feature term's own parameters now (CMT-KD on the loss system)
+    trained = [k for k in one if k.startswith(("models.", "method.", "losses."))]
+    assert any(k.startswith("method.fusion.") for k in trained) and any(k.startswith("losses.") for k in trained)
     diff = max_abs_diff({k: two[k] for k in trained}, {k: one[k] for k in trained})
     print(f"cmtkd: max |w2 - w1| = {diff:.3g}")
     assert diff < ATOL
