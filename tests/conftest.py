@@ -142,7 +142,9 @@ def tiny_pipeline(root: Path, run_dir: Path, *, epochs: int = 2, extra: str = ""
 
 
 KILLER = '''
-"""A schedule plugin that SIGKILLs its own process at a given fractional epoch (env var)."""
+"""A schedule plugin that SIGKILLs its own process at fractional epoch KILL_AT_EPOCH: only the process
+of rank KILL_RANK (default 0; a single process is rank 0), and in the first launch of a torchrun
+worker group only (not after a restart)."""
 import os, signal
 import attrs
 import kdtoolkit
@@ -154,8 +156,10 @@ class Opts:
 class KillAt:
     def __init__(self, options):
         self.at = float(os.environ.get("KILL_AT_EPOCH", "inf"))
+        first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self.armed = first and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0")
     def __call__(self, epoch, total_epochs):
-        if epoch >= self.at:
+        if self.armed and epoch >= self.at:
             os.kill(os.getpid(), signal.SIGKILL)
         return 1.0
 

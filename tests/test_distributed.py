@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_pipeline
+from conftest import KILLER, tiny_pipeline
 from distributed_helpers import (
     RANK_STATE_RUNNER, kdtoolkit, max_abs_diff, student_state, torchrun, torchrun_script, two_nodes,
 )
@@ -29,31 +29,6 @@ from kdtoolkit.engine.checkpoint import Checkpoint
 #: (float, 1 epoch). A missing or doubled gradient average moves weights by ~1e-2 and more.
 ATOL = 3e-3
 
-#: a schedule plugin that SIGKILLs the process of rank KILL_RANK at fractional epoch KILL_AT_EPOCH,
-#: in the first launch of a worker group only (not after a torchrun restart)
-KILLER = '''
-import os, signal
-import attrs
-import kdtoolkit
-
-@attrs.frozen
-class Opts:
-    pass
-
-class KillAt:
-    def __init__(self, options):
-        self.at = float(os.environ.get("KILL_AT_EPOCH", "inf"))
-        first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        self.armed = first and os.environ.get("RANK") == os.environ.get("KILL_RANK", "1")
-    def __call__(self, epoch, total_epochs):
-        if self.armed and epoch >= self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return 1.0
-
-@kdtoolkit.hookimpl
-def register_schedules(register):
-    register("kill_at", KillAt, options=Opts)
-'''
 
 def pipeline(root: Path, run_dir: Path, *, epochs: int = 2, method: str = "supervised", losses: str | None = None, extra: str = "") -> str:
     text = tiny_pipeline(root, run_dir, epochs=epochs, method=method, losses=losses)
