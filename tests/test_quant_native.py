@@ -341,3 +341,21 @@ def test_gcc_and_clang_build_kernels_with_the_same_numbers(compiler, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["built", "True", "True", "True"]
+
+
+def test_require_without_kernels_is_one_line_exit_2_at_the_cli(tmp_path, cifar10_root):
+    """``KDTOOLKIT_NATIVE=require`` on a machine that cannot build: the user's setting, so the
+    boundary's one line and exit 2 (not a bug's exit 1), naming the setting and the reason."""
+    from conftest import tiny_pipeline
+
+    toml = tiny_pipeline(cifar10_root, tmp_path / "run", epochs=1).replace(
+        "width = 1\n", 'width = 1\nquantizer = { name = "lsq", weight_bits = 2, act_bits = 2 }\n', 1)
+    (tmp_path / "p.toml").write_text(toml)
+    environ = {**os.environ, "KDTOOLKIT_CACHE_DIR": str(tmp_path / "cache"), "KDTOOLKIT_NATIVE": "require",
+               "CC": str(tmp_path / "no-such-cc")}
+    r = subprocess.run([sys.executable, "-m", "kdtoolkit", "run", str(tmp_path / "p.toml")], env=environ,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "KDTOOLKIT_NATIVE=require" in errors[0] and "no C compiler" in errors[0], r.stderr

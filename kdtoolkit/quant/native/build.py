@@ -25,13 +25,19 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from kdtoolkit.errors import KDToolkitError
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-march=native", "-fno-math-errno")
 ABI_VERSION = 2
 
 
-class NativeBuildError(RuntimeError):
-    """The kernels could not be compiled or loaded."""
+class NativeBuildError(KDToolkitError, RuntimeError):
+    """The kernels could not be compiled or loaded.
+
+    A user error (exit 2 at the CLI's boundary): the machine's compiler, platform or cache directory
+    is at fault, or ``KDTOOLKIT_NATIVE=require`` asked for kernels this machine cannot build.
+    """
 
 
 def cache_dir() -> Path:
