@@ -25,7 +25,7 @@ def load_run_model(run_dir: str | Path, *, model_name: str | None = None, checkp
     """``(model, spec, name, num_classes, checkpoint)`` of a run's model with its checkpoint's
     weights, in eval mode (quantized models fake-quantized as trained)."""
     from kdtoolkit.engine.assemble import build_model
-    from kdtoolkit.engine.checkpoint import Checkpoint
+    from kdtoolkit.engine.checkpoint import Checkpoint, load_matching
     from kdtoolkit.pipeline import Pipeline
 
     pipe = Pipeline.from_run_dir(run_dir)
@@ -37,7 +37,7 @@ def load_run_model(run_dir: str | Path, *, model_name: str | None = None, checkp
     if num_classes is None:
         raise CheckpointError(f"{ckpt.path}: the checkpoint does not record num_classes (written by an older kdtoolkit)")
     model = build_model(pipe.config, pipe.registry, name, num_classes)
-    model.load_state_dict(ckpt.model_state(name))
+    load_matching(model, ckpt.model_state(name), ckpt.path)
     model.eval()
     return model, pipe, name, num_classes, ckpt
 

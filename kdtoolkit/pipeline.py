@@ -236,14 +236,14 @@ class Pipeline:
     def evaluate(self, checkpoint: str | Path | None = None, *, stream=sys.stderr) -> dict[str, float]:
         """Accuracy of every evaluated model on the test split, with the weights of ``checkpoint``
         (default: the run's best checkpoint; the freshly built weights if there is none)."""
-        from kdtoolkit.engine.checkpoint import Checkpoint
+        from kdtoolkit.engine.checkpoint import Checkpoint, load_matching
         from kdtoolkit.engine.output import progress_enabled
         from kdtoolkit.engine.trainer import evaluate
 
         built = self._built or self.build()
         path = Path(checkpoint) if checkpoint else self.run_dir / "checkpoints" / "best.safetensors"
         if checkpoint or path.exists():
-            built.module.load_state_dict(Checkpoint(path).module_state)
+            load_matching(built.module, Checkpoint(path).module_state, path)
         _, _, test_loader = built.data
         return evaluate(built, test_loader, precision=self.config.run.precision, progress=progress_enabled(self.config.run.progress, stream))
 

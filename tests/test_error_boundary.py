@@ -291,3 +291,23 @@ def test_feature_shapes_refused_by_a_loss_setup_are_a_user_error(tmp_path, cifar
     r = invoke("run", path)
     assert_user_error(r, "losses[1]", "spatial sizes differ")
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_and_export_with_a_pipeline_json_that_no_longer_matches_the_checkpoint(tmp_path, cifar10_root):
+    """A run directory whose pipeline.json was edited (here: a wider model) is the user's doing:
+    ``eval`` and ``export`` name the checkpoint and exit 2, they do not crash in load_state_dict."""
+    run_dir = tmp_path / "run"
+    path = write(tmp_path, tiny_pipeline(cifar10_root, run_dir, epochs=1))
+    r = invoke("run", path, "--set", "run.max_steps_per_epoch=1")
+    assert r.exit_code == 0, r.output
+    assert invoke("eval", run_dir).exit_code == 0
+    recorded = json.loads((run_dir / "pipeline.json").read_text())
+    recorded["models"]["student"]["width"] = 2
+    (run_dir / "pipeline.json").write_text(json.dumps(recorded))
+    best = str(run_dir / "checkpoints" / "best.safetensors")
+    assert_user_error(invoke("eval", run_dir), best, "does not match this pipeline")
+    assert_user_error(invoke("export", run_dir, "--out", tmp_path / "m.onnx", "--format", "onnx"), best, "does not match")
+    del recorded["models"]["student"]["width"]
+    recorded["models"]["student"]["depth"] = 16  # more layers: tensors missing from the checkpoint
+    (run_dir / "pipeline.json").write_text(json.dumps(recorded))
+    assert_user_error(invoke("eval", run_dir), best, "missing")

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from kdtoolkit.engine.assemble import Built
-from kdtoolkit.engine.checkpoint import RNG, Checkpoint, remove_stale_temporaries, save_checkpoint
+from kdtoolkit.engine.checkpoint import RNG, Checkpoint, load_matching, remove_stale_temporaries, save_checkpoint
 from kdtoolkit.engine.checks import best_metric
 from kdtoolkit.engine.distributed import DistInfo, DistributedStep, reduce_epoch, reduce_sums, sync_from_main
 from kdtoolkit.engine.metrics import MetricsWriter
@@ -123,18 +123,7 @@ class Trainer:
         ckpt.require("epoch", "global_step", "optimizer")
         if not any(k.startswith(RNG) for k in ckpt.tensors):
             raise CheckpointError(f"{self.last_path}: no RNG state; the run cannot continue exactly")
-        own = self.built.module.state_dict()
-        for key, value in ckpt.module_state.items():
-            if key in own and own[key].dtype != value.dtype:
-                raise CheckpointError(f"{self.last_path}: tensor {key} is {value.dtype}, this pipeline has {own[key].dtype}")
-            if key in own and own[key].shape != value.shape:
-                raise CheckpointError(
-                    f"{self.last_path}: does not match this pipeline (tensor {key} has shape {list(value.shape)}, "
-                    f"this pipeline's {list(own[key].shape)})"
-                )
-        missing, unexpected = self.built.module.load_state_dict(ckpt.module_state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{self.last_path}: does not match this pipeline (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_matching(self.built.module, ckpt.module_state, self.last_path)
         try:
             self.optimizer.load_state_dict(ckpt.optimizer_state())
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
