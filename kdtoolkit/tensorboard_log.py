@@ -45,6 +45,22 @@ def log_metrics_row(run_dir: str | Path, row: dict[str, Any], *, enabled: bool) 
     writer.flush()
 
 
+def resume_at(run_dir: str | Path, epoch: int, row: dict[str, Any] | None, *, enabled: bool) -> None:
+    """A resumed run continues after ``epoch``: events of that epoch and later ones, written before
+    the interruption (by a run that got further than its checkpoint), are purged (TensorBoard's
+    ``purge_step``), and the checkpoint's own row of ``epoch`` is written again, so every epoch has
+    one point, as ``metrics.jsonl`` has one row."""
+    if not enabled:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    path = Path(run_dir) / SUBDIR
+    close(run_dir)
+    _writers[path] = SummaryWriter(log_dir=str(path), purge_step=epoch)
+    if row:
+        log_metrics_row(run_dir, {**row, "epoch": epoch}, enabled=True)
+
+
 def close(run_dir: str | Path) -> None:
     writer = _writers.pop(Path(run_dir) / SUBDIR, None)
     if writer is not None:

@@ -25,7 +25,7 @@ from kdtoolkit.engine.nonfinite import NonFiniteGuard, check_weights
 from kdtoolkit.engine.output import ProgressBar, progress_enabled
 from kdtoolkit.errors import CheckpointError
 from kdtoolkit.methods import Progress
-from kdtoolkit.tensorboard_log import log_metrics_row
+from kdtoolkit.tensorboard_log import log_metrics_row, resume_at
 
 
 def autocast(device: torch.device, precision: str):
@@ -139,6 +139,7 @@ class Trainer:
         if self.dist.is_main:
             self._repair_best(ckpt, epoch, best)
             self.metrics.repair(epoch, ckpt.meta.get("metrics"))
+            resume_at(self.run_dir, epoch, ckpt.meta.get("metrics"), enabled=self.cfg.run.tensorboard)
             print(f"resumed from {self.last_path} at epoch {epoch}", file=self.stream)
         return epoch, int(ckpt.meta["global_step"]), best
 
