@@ -30,6 +30,7 @@ from pathlib import Path
 
 from benchmarks._common import REPO, default_cifar10_root
 from benchmarks.suites import DATASETS, SCALES, SUITES, Run, Scale, Suite, rescale
+from kdtoolkit.config.toml_write import value as toml_value
 
 EXAMPLES = REPO / "examples"
 STATE = "suite.json"
@@ -126,20 +127,6 @@ def overrides_between(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif old.get(key) != new[key]:
             out.append(f"{path}={toml_value(new[key])}")
     return out
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(type(v))
 
 
 def macs_per_step(raw: dict) -> tuple[float, int, int]:

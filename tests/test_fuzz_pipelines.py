@@ -10,7 +10,6 @@ the data step replaced by a marker, so a case that ``run`` would start training 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import re
@@ -21,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from kdtoolkit.cli import main
+from kdtoolkit.config.toml_write import dumps
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = [
@@ -34,31 +34,6 @@ EXAMPLES = [
 SEED = 20261130
 PER_OPERATOR = 5  # random picks per example and operator (plus the fixed cases)
 REACHED = "__fuzz_reached_build__"
-
-
-# --- a TOML writer (inline tables; enough for any dict TOML can hold) --------------------------------
-
-
-def _key(k: str) -> str:
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
-
-
-def _value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-def dumps(doc: dict) -> str:
-    return "".join(f"{_key(k)} = {_value(v)}\n" for k, v in doc.items())
 
 
 # --- walking a document -----------------------------------------------------------------------------
