@@ -89,7 +89,9 @@ CMTKD = Suite(
     title="CMT-KD ablation: 2-bit HWGQ students (paper: ResNet-18)",
     paper_setting="CIFAR-100 ResNet-18 (Tables 1-3)",
     warm_start_from="single_fp",
-    mini_runs=("single_fp", "single_w2a2", "kd_fp", "cmtkd_no_ml", "cmtkd"),
+    # the float model is every quantized network's warm start and KD's teacher: trained once (seed 0,
+    # 15 epochs); its row shows that one run. The rest: the core set, 3 seeds each.
+    mini_runs=("single_w2a2", "kd_fp", "cmtkd_no_ml", "cmtkd"),
     runs=(
         Run("single_fp", "single model, FP", _cifar(_R.format(name="single_fp"), _I.format(name="fp")), 75.3),
         Run("single_w8a8", "single model, 8 bit", _cifar(_R.format(name="single_w8a8"))),
