@@ -220,7 +220,12 @@ def run_suite(suite: Suite, args) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     state = load_state(work)
-    state.update(suite=suite.name, scale=scale.name, dataset=args.dataset, seeds=args.seeds, commit=git_commit(),
+    commit = git_commit()
+    # every commit the suite's runs were trained at (an interrupted suite may continue at a later one)
+    commits = state.setdefault("commits", [state["commit"]] if "commit" in state else [])
+    if commit not in commits:
+        commits.append(commit)
+    state.update(suite=suite.name, scale=scale.name, dataset=args.dataset, seeds=args.seeds, commit=commit,
                  command="python -m benchmarks.suite " + shlex.join(args.argv))
     save_state(work, state)
     done_macs, spent = 0.0, 0.0
@@ -240,7 +245,7 @@ def run_suite(suite: Suite, args) -> Path:
         spent += seconds
         done_macs += job_macs
         state["runs"][key] = {
-            "run": run.id, "seed": seed, "done": True, "seconds": seconds + state["runs"].get(key, {}).get("seconds", 0.0),
+            "run": run.id, "seed": seed, "done": True, "commit": commit, "seconds": seconds + state["runs"].get(key, {}).get("seconds", 0.0),
             "best_metric": (result.get("best") or {}).get("metric"), "example": run.examples[args.dataset],
             "overrides": overrides, "command": f"kdtoolkit run examples/{run.examples[args.dataset]} "
                                                + " ".join(f"--set {shlex.quote(o)}" for o in overrides),

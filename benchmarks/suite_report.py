@@ -70,6 +70,68 @@ def collect(suite: Suite, state: dict, work: Path) -> list[dict]:
     return out
 
 
+#: two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (above 30: 1.96)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def welch(a: list[float], b: list[float]) -> dict | None:
+    """Welch's t-test of mean(a) - mean(b): the difference, its standard error, t, the
+    Welch-Satterthwaite degrees of freedom and the 95% critical value (at floor(df): conservative).
+    None with fewer than 2 values on a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return {"diff": diff, "se": 0.0, "t": math.copysign(math.inf, diff) if diff else 0.0, "df": math.inf, "critical": 1.96}
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    k = int(math.floor(df))
+    critical = T975[k - 1] if 1 <= k <= len(T975) else 1.96
+    return {"diff": diff, "se": se, "t": diff / se, "df": df, "critical": critical}
+
+
+def verdict(test: dict | None) -> str:
+    if test is None:
+        return "not testable (one seed on a side)"
+    separated = abs(test["t"]) > test["critical"]
+    if test["diff"] > 0:
+        return "**agrees**: separated beyond the seed spread (p < 0.05)" if separated else "same sign, within the seed spread"
+    return "**disagrees**: the reverse, beyond the seed spread (p < 0.05)" if separated else "reverse sign, within the seed spread"
+
+
+def claims_table(suite: Suite, records: list[dict]) -> list[str]:
+    """The paper's orderings tested on our last-epoch top-1 (no choice of epoch on the test set)."""
+    if not suite.claims:
+        return []
+    last = {}
+    for r in records:
+        last.setdefault(r["setting"], []).append(r["last"])
+    paper = {r["setting"]: r["paper"] for r in records}
+    lines = ["", "## The paper's orderings against our seeds", "",
+             "Each row is an ordering the paper reports (better > worse). Ours: difference of the mean last-epoch "
+             "top-1 ± its standard error, Welch's t with its degrees of freedom, and whether it exceeds the two-sided "
+             "95% critical value (at the floored degrees of freedom). \"Smallest separable\" is the difference this "
+             "seed spread could have shown (critical value × standard error).", "",
+             "| paper's ordering | paper Δ | our Δ (last) | t (df) | smallest separable | verdict |",
+             "|---|---|---|---|---|---|"]
+    for better, worse in suite.claims:
+        if better not in last or worse not in last:
+            lines.append(f"| {better} > {worse} | - | not run | - | - | - |")
+            continue
+        p_better, p_worse = paper.get(better), paper.get(worse)
+        p_diff = "-" if p_better is None or p_worse is None else f"{p_better - p_worse:+.1f}"
+        test = welch(last[better], last[worse])
+        if test is None:
+            diff = statistics.fmean(last[better]) - statistics.fmean(last[worse])
+            lines.append(f"| {better} > {worse} | {p_diff} | {diff:+.2f} | - | - | {verdict(None)} |")
+            continue
+        lines.append(f"| {better} > {worse} | {p_diff} | {test['diff']:+.2f} ± {test['se']:.2f} | {test['t']:+.2f} ({test['df']:.1f}) | "
+                     f"{test['critical'] * test['se']:.2f} | {verdict(test)} |")
+    return lines
+
+
 def _mean_std(xs: list[float]) -> str:
     if not xs:
         return "-"
@@ -109,8 +171,10 @@ def write_report(suite: Suite, state: dict, work: Path, results: Path) -> None:
             f"| {setting} | {len(rs)} | {_mean_std([r['best'] for r in rs])} | {_mean_std([r['last'] for r in rs])} | "
             f"{'/'.join(str(r['best_epoch']) for r in rs)} | {'-' if paper is None else f'{paper:.2f}'} | "
             f"{(statistics.fmean(secs) / 60 if secs else math.nan):.1f} min | {(statistics.fmean(speeds) if speeds else math.nan):.0f} |")
+    lines += claims_table(suite, records)
     lines += ["", "## Protocol", "",
-              f"- commit: `{state.get('commit')}`",
+              "- commit" + ("s (the suite was continued at a later commit)" if len(state.get("commits") or []) > 1 else "") + ": "
+              + ", ".join(f"`{c}`" for c in (state.get("commits") or [state.get("commit")])),
               f"- command: `{state.get('command')}`",
               f"- scale: {scale.why if scale else state.get('scale')}",
               "- each run: the example pipeline with the `--set` overrides listed in `results.csv` "

@@ -129,3 +129,61 @@ def test_every_suite_runs_at_smoke_scale_and_an_interrupted_suite_continues(tmp_
     capsys.readouterr()
     runner.main(argv)
     assert capsys.readouterr().out.count("done earlier") == total
+
+
+# --- the paper's orderings tested against the seeds -------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_welch_matches_scipy(seed):
+    stats = pytest.importorskip("scipy.stats")
+    import random
+
+    from benchmarks.suite_report import welch
+
+    rng = random.Random(seed)
+    a = [rng.gauss(60, rng.uniform(0.1, 2)) for _ in range(rng.randint(2, 6))]
+    b = [rng.gauss(60.5, rng.uniform(0.1, 2)) for _ in range(rng.randint(2, 6))]
+    got = welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert got["t"] == pytest.approx(ref.statistic, rel=1e-9)
+    assert got["df"] == pytest.approx(ref.df, rel=1e-9)
+    assert got["critical"] == pytest.approx(stats.t.ppf(0.975, min(int(got["df"]), 10**6) if got["df"] < 31 else 10**9), abs=2e-3)
+
+
+def test_verdicts_of_the_ordering_table():
+    from benchmarks.suite_report import verdict, welch
+
+    assert verdict(welch([70.0, 70.2, 69.9], [65.0, 65.3, 64.8])).startswith("**agrees**")
+    assert verdict(welch([65.0, 65.3, 64.8], [70.0, 70.2, 69.9])).startswith("**disagrees**")
+    assert verdict(welch([70.0, 66.0, 68.0], [67.0, 69.0, 67.5])).startswith("same sign")
+    assert verdict(welch([67.0, 69.0, 67.5], [70.0, 66.0, 68.5])).startswith("reverse sign")
+    assert welch([70.0], [65.0, 66.0]) is None and verdict(None).startswith("not testable")
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_every_claim_names_settings_of_its_suite(suite):
+    s = SUITES[suite]
+    labels = {r.label for r in s.runs} | {row[0] for r in s.runs for row in r.rows}
+    assert s.claims and all(better in labels and worse in labels for better, worse in s.claims), s.claims
+
+
+def test_report_tests_the_orderings_on_the_last_epoch(tmp_path):
+    from benchmarks.suite_report import write_report
+
+    s = SUITES["ctkd"]
+    state = {"scale": "mini", "dataset": "cifar10", "seeds": 3, "commit": "abc", "command": "x", "runs": {}}
+    finals = {"student": [60.0, 60.4, 59.8], "kd": [62.0, 62.3, 61.9], "ctkd": [62.0, 64.0, 61.5]}
+    for rid, values in finals.items():
+        for seed, last in enumerate(values):
+            key = f"{rid}-s{seed}"
+            (tmp_path / key).mkdir()
+            rows = [{"epoch": 1, "test/student/top1": last + 5.0}, {"epoch": 2, "test/student/top1": last}]  # best != last
+            (tmp_path / key / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            state["runs"][key] = {"run": rid, "seed": seed, "done": True, "seconds": 60.0, "best_metric": "test/student/top1"}
+    write_report(s, state, tmp_path, tmp_path / "out")
+    table = (tmp_path / "out" / "results.md").read_text()
+    line = next(li for li in table.splitlines() if li.startswith("| KD > student alone |"))
+    assert "+2.00 ±" in line and "**agrees**" in line  # means of the last epoch: 62.07 - 60.07
+    assert "same sign, within the seed spread" in next(li for li in table.splitlines() if li.startswith("| CTKD > KD |"))
+    assert "| CTKD > AT | - | not run |" in table
