@@ -223,8 +223,6 @@ def run_suite(suite: Suite, args) -> Path:
     commit = git_commit()
     # every commit the suite's runs were trained at (an interrupted suite may continue at a later one)
     commits = state.setdefault("commits", [state["commit"]] if "commit" in state else [])
-    if commit not in commits:
-        commits.append(commit)
     state.update(suite=suite.name, scale=scale.name, dataset=args.dataset, seeds=args.seeds, commit=commit,
                  command="python -m benchmarks.suite " + shlex.join(args.argv))
     save_state(work, state)
@@ -238,6 +236,8 @@ def run_suite(suite: Suite, args) -> Path:
         rate = done_macs / spent if spent > 0 else CPU_MACS if scale.name != "paper" else GPU_MACS
         left = sum(c for c, (_, _, ru, s) in zip(costs[i - 1:], jobs[i - 1:]) if not state["runs"].get(job_dir(work, ru, s).name, {}).get("done"))
         print(f"[{i}/{len(jobs)}] {key}: {run.label}, seed {seed} (ETA of the suite {hours(left / rate)})", flush=True)
+        if commit not in commits:
+            commits.append(commit)
         resume = (job_dir(work, run, seed) / "checkpoints" / "last.safetensors").is_file()
         start = time.perf_counter()
         result = Pipeline.from_dict(raw).fit(resume=resume)
