@@ -284,3 +284,43 @@ def test_python_caller_under_torchrun_without_process_group_refuses(tmp_path, ci
         pipe.fit()
     assert not (tmp_path / "run").exists()
     assert os.environ["WORLD_SIZE"] == "2"
+
+
+CLI_WITH_KILLER = '''
+import sys, killer
+import kdtoolkit.plugins as plugins
+_get = plugins.get_plugin_manager
+plugins.get_plugin_manager = lambda *a, plugins=(), **k: _get(*a, plugins=[*plugins, killer], **k)
+from kdtoolkit.cli import main
+main(sys.argv[1:])
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_max_restarts_continues_the_run_by_itself(tmp_path, cifar10_root):
+    """``torchrun --max-restarts 1``: rank 1 is SIGKILLed in epoch 2; the restarted worker group meets
+    again (its own store prefix: the failed group's connection keys are still in the agent's store),
+    resumes from the epoch-1 checkpoint without --resume, and ends like an uninterrupted 2-process run."""
+    import sys
+
+    from distributed_helpers import torchrun_args, env
+
+    (tmp_path / "killer.py").write_text(KILLER)
+    cli = write(tmp_path / "cli.py", CLI_WITH_KILLER)
+    texts = {name: pipeline(cifar10_root, tmp_path / name, epochs=3).replace('schedule = { name = "cosine" }', 'schedule = { name = "kill_at" }')
+             for name in ("ref", "run")}
+    import subprocess
+
+    def launch(name, **extra):
+        cmd = torchrun_args(2, max_restarts=1) + [str(cli), "run", str(write(tmp_path / f"{name}.toml", texts[name]))]
+        return subprocess.run(cmd, env=env(PYTHONPATH=str(tmp_path), **extra), capture_output=True, text=True, timeout=600)
+
+    ok(launch("ref"))
+    restarted = launch("run", KILL_AT_EPOCH="1.5", KILL_RANK="1")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "resumed from" in restarted.stdout + restarted.stderr
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert Checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").meta["epoch"] == 3
+    diff = max_abs_diff(student_state(tmp_path / "run"), student_state(tmp_path / "ref"))
+    print(f"killed, restarted by torchrun: max |w - w_ref| = {diff:.3g}")
+    assert diff < ATOL

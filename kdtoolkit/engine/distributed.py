@@ -124,7 +124,17 @@ def process_group(device: str = "auto") -> Iterator[DistInfo]:
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
+    backend = "nccl" if use_cuda else "gloo"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart:
+        # a worker group restarted by torchrun meets in the agent's store again, where the failed
+        # group's connection keys are still written: read under the same names, a rank would dial
+        # the dead processes' addresses ("connection refused"). Each restart gets its own prefix.
+        store, rank, size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"kdtoolkit/restart{restart}", store), rank=rank,
+                                world_size=size, timeout=TIMEOUT)
+    else:
+        dist.init_process_group(backend, timeout=TIMEOUT)
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread: keep the default handler
