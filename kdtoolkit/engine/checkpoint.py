@@ -177,20 +177,16 @@ def save_checkpoint(
 
 def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path | str) -> None:
     """Load ``state`` into ``module`` only if it matches: every tensor present, none extra, same
-    dtypes and shapes; otherwise ``CheckpointError`` naming ``path`` and the first differences."""
+    dtypes and shapes (``weights.fit_report``); otherwise ``CheckpointError`` naming ``path``."""
+    from kdtoolkit.weights import fit_report
+
     own = module.state_dict()
     for key, value in state.items():
         if key in own and own[key].dtype != value.dtype:
             raise CheckpointError(f"{path}: tensor {key} is {value.dtype}, this pipeline has {own[key].dtype}")
-        if key in own and own[key].shape != value.shape:
-            raise CheckpointError(
-                f"{path}: does not match this pipeline (tensor {key} has shape {list(value.shape)}, "
-                f"this pipeline's {list(own[key].shape)})"
-            )
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match this pipeline (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    problem = fit_report(module, state)
+    if problem:
+        raise CheckpointError(f"{path}: does not match this pipeline ({problem})")
     module.load_state_dict(state)
 
 
